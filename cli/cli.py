@@ -1,0 +1,73 @@
+"""The `fusedit` command line: one sub-command group per concern, user errors as one line + exit 2."""
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+
+import typer
+
+from fusedit.errors import UserError
+
+# sub-command group name -> module holding a `typer.Typer` called `app`
+GROUPS = {
+    "model": "fusedit.model.cli",
+    "data": "fusedit.components.data_cli",
+}
+# top-level commands: name -> (module, function)
+COMMANDS = {
+    "generate": ("fusedit.model.cli", "generate"),
+}
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _register() -> None:
+    for name, module in GROUPS.items():
+        try:
+            app.add_typer(import_module(module).app, name=name)
+        except ModuleNotFoundError as e:  # a group whose module is not written yet
+            if e.name != module:
+                raise
+    for name, (module, func) in COMMANDS.items():
+        app.command(name)(getattr(import_module(module), func))
+
+
+def _user_error_line(exc: BaseException) -> str | None:
+    """The one line a user sees for a mistake they can fix, or None for an internal error."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        errs = exc.errors()
+        where = ".".join(str(p) for p in errs[0]["loc"]) if errs else "?"
+        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+        return f"invalid {exc.title} field '{where}': {errs[0]['msg'] if errs else exc}{more}"
+    if isinstance(exc, FileNotFoundError):
+        return f"file not found: {exc.filename or exc}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - classify, then re-raise internal errors
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort | KeyboardInterrupt):
+            print("aborted", file=sys.stderr)
+            sys.exit(130)
+        line = _user_error_line(exc)
+        if line is None:
+            print(f"fusedit: internal error ({type(exc).__name__}); traceback follows", file=sys.stderr)
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
