@@ -1,0 +1,93 @@
+"""The one DiT block: image queries attend to [text K/V ; image K/V] in a single attention call."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from fusedit.model.conditioning import CONDITIONING
+from fusedit.model.layers import GeGLU, modulate, norm_or_identity
+from fusedit.model.positions import Rope
+from torch import nn
+from torch.nn import functional as F
+
+
+class TextKV(NamedTuple):
+    """Text keys/values (B, kv_heads, T, head_dim) and the SDPA key mask for this use (None = all valid)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).flatten(2)
+
+
+class Attention(nn.Module):
+    """Image tokens attend to [text ; image]; the LLM's head layout, optional per-head qk RMSNorm."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool):
+        super().__init__()
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_k = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.to_v = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.to_out = nn.Linear(heads * head_dim, dim, bias=False)
+        self.q_norm = norm_or_identity(qk_norm, head_dim)
+        self.k_norm = norm_or_identity(qk_norm, head_dim)
+
+    def forward(self, x: torch.Tensor, text: TextKV, rope: Rope) -> torch.Tensor:
+        q = rope(self.q_norm(_heads(self.to_q(x), self.head_dim)))
+        k = rope(self.k_norm(_heads(self.to_k(x), self.head_dim)))
+        v = _heads(self.to_v(x), self.head_dim)
+        k, v = torch.cat([text.k.to(k.dtype), k], dim=2), torch.cat([text.v.to(v.dtype), v], dim=2)
+        return self.to_out(_merge(F.scaled_dot_product_attention(q, k, v, text.mask, enable_gqa=True)))
+
+
+class CrossAttention(nn.Module):
+    """PixArt-style cross-attention to text K/V, added without a gate."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool):
+        super().__init__()
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_out = nn.Linear(heads * head_dim, dim, bias=False)
+        self.q_norm = norm_or_identity(qk_norm, head_dim)
+
+    def forward(self, x: torch.Tensor, text: TextKV) -> torch.Tensor:
+        q = self.q_norm(_heads(self.to_q(x), self.head_dim))
+        k, v = text.k.to(q.dtype), text.v.to(q.dtype)
+        return x + self.to_out(_merge(F.scaled_dot_product_attention(q, k, v, text.mask, enable_gqa=True)))
+
+
+class NoCrossAttention(nn.Module):
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, text: TextKV) -> torch.Tensor:
+        return x
+
+
+class DiTBlock(nn.Module):
+    """Modulated attention + GeGLU MLP; sandwich norm wraps both outputs when enabled."""
+
+    def __init__(self, dim, heads, kv_heads, head_dim, mlp_dim, *, conditioning, cross, qk_norm, sandwich):
+        super().__init__()
+        self.modulation = CONDITIONING[conditioning][1](dim)
+        self.norm1 = norm_or_identity(True, dim)
+        self.attn = Attention(dim, heads, kv_heads, head_dim, qk_norm)
+        self.attn_out_norm = norm_or_identity(sandwich, dim)
+        self.cross = (CrossAttention if cross else NoCrossAttention)(dim, heads, kv_heads, head_dim, qk_norm)
+        self.norm2 = norm_or_identity(True, dim)
+        self.mlp = GeGLU(dim, mlp_dim)
+        self.mlp_out_norm = norm_or_identity(sandwich, dim)
+
+    def forward(self, x, c, joint: TextKV, cross: TextKV, rope: Rope) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c)
+        x = x + gate_a * self.attn_out_norm(self.attn(modulate(self.norm1(x), shift_a, scale_a), joint, rope))
+        x = self.cross(x, cross)
+        return x + gate_m * self.mlp_out_norm(self.mlp(modulate(self.norm2(x), shift_m, scale_m)))

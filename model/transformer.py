@@ -1,0 +1,143 @@
+"""The denoiser: patchify -> conditioning -> DiT blocks over [text K/V ; image] -> unpatchify."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from fusedit.model.block import DiTBlock, TextKV, _heads
+from fusedit.model.conditioning import CONDITIONING
+from fusedit.model.config import DiTArch, TextSpec
+from fusedit.model.layers import RMSNorm, norm_or_identity
+from fusedit.model.positions import IMAGE_ROPE, ape, grid
+from fusedit.model.text import TextContext
+from torch import nn
+
+
+class DeepText(nn.Module):
+    """Deep fusion: the LLM's own K/V of the paired layer, used as they are."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, feats: TextContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return feats.kv[self.index]
+
+
+class ShallowText(nn.Module):
+    """Shallow fusion: per-layer key/value projections of the (embedded) text states; no RoPE."""
+
+    def __init__(self, a: DiTArch):
+        super().__init__()
+        self.head_dim = a.head_dim
+        self.to_k = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
+        self.to_v = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
+        self.k_norm = norm_or_identity(a.qk_norm, a.head_dim)
+
+    def forward(self, feats: TextContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_norm(_heads(self.to_k(feats.states), self.head_dim)), _heads(self.to_v(feats.states), self.head_dim)
+
+
+class ContextEmbedder(nn.Module):
+    """Shallow fusion: RMSNorm -> Linear from the LLM width to the DiT width, once per forward."""
+
+    def __init__(self, a: DiTArch):
+        super().__init__()
+        self.norm, self.proj = RMSNorm(a.text_dim), nn.Linear(a.text_dim, a.hidden_size)
+
+    def forward(self, text: TextContext) -> TextContext:
+        return TextContext(mask=text.mask, states=self.proj(self.norm(text.states)), pooled=text.pooled)
+
+
+class Masks(NamedTuple):
+    joint: torch.Tensor | None  # keys [text ; image]
+    cross: torch.Tensor | None  # keys [text]
+
+
+def _joint_route(k, v, masks: Masks, empty: TextKV) -> tuple[TextKV, TextKV]:
+    return TextKV(k, v, masks.joint), empty
+
+
+def _cross_route(k, v, masks: Masks, empty: TextKV) -> tuple[TextKV, TextKV]:
+    return empty, TextKV(k, v, masks.cross)
+
+
+# attention kind -> (text K/V for the self-attention, text K/V for the cross-attention)
+ROUTES = {"self": _joint_route, "cross": _cross_route}
+
+
+class FuseDiTTransformer(ModelMixin, ConfigMixin):
+    """DiT over image patches whose attention reads text K/V; deep or shallow fusion is where they come from."""
+
+    @register_to_config
+    def __init__(self, arch: dict, text: dict, sample_size: int = 64):
+        super().__init__()  # sample_size: default latent height/width for generation
+        a = self.arch = DiTArch.model_validate(arch)
+        self.text_spec = TextSpec.model_validate(text)
+        embed, _, out = CONDITIONING[a.timestep_conditioning]
+        p, d = a.patch_size, a.hidden_size
+        self.x_embed = nn.Linear(a.in_channels * p * p, d)
+        self.t_embed = embed(d, a.pooled_dim)
+        deep = a.fusion == "deep"
+        self.context = nn.Identity() if deep else ContextEmbedder(a)
+        self.text_in = nn.ModuleList(DeepText(i) if deep else ShallowText(a) for i in range(a.num_layers))
+        self.route = ROUTES[a.attention]
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, a.num_heads, a.num_kv_heads, a.head_dim, a.mlp_dim, conditioning=a.timestep_conditioning,
+                     cross=a.attention == "cross", qk_norm=a.qk_norm, sandwich=a.sandwich_norm)
+            for _ in range(a.num_layers)
+        )
+        self.out_norm = out(d)
+        self.proj_out = nn.Linear(d, a.in_channels * p * p)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if hasattr(self.t_embed, "mlp"):
+            for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+                nn.init.normal_(lin.weight, std=0.02)
+        zero = [self.proj_out] + [getattr(b.modulation, "linear", None) for b in self.blocks]
+        zero.append(getattr(self.out_norm, "linear", None))
+        for lin in filter(None, zero):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        p = self.arch.patch_size
+        x = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (hh // p) * (ww // p), p * p * c)
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        p, c = self.arch.patch_size, self.arch.in_channels
+        x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, text: TextContext) -> torch.Tensor:
+        """Velocity prediction for latents x (B, C, H, W) at `timestep` (B,) in [0, 1000]."""
+        a = self.arch
+        h, w = x.shape[-2] // a.patch_size, x.shape[-1] // a.patch_size
+        tokens = self.x_embed(self.patchify(x).to(self.x_embed.weight.dtype))
+        rows, cols = grid(h, w, x.device)
+        if a.pos_embed == "ape":
+            tokens = tokens + ape(a.hidden_size, h, w, a.pos_embed_max_size, x.device).to(tokens.dtype)
+        rope = IMAGE_ROPE[a.pos_embed](rows, cols, text.lengths, a.head_dim, a.rope_theta, w)
+        cond = self.t_embed(timestep, text.pooled)
+        tokens = tokens + cond.tokens
+
+        feats = self.context(text)
+        pad = ~text.mask.all()
+        joint_mask = torch.cat([text.mask, text.mask.new_ones(x.shape[0], h * w)], 1)[:, None, None]
+        masks = Masks(joint_mask if pad else None, text.mask[:, None, None] if pad else None)
+        empty_k = tokens.new_zeros(x.shape[0], a.num_kv_heads, 0, a.head_dim)
+        empty = TextKV(empty_k, empty_k, None)
+        for source, block in zip(self.text_in, self.blocks, strict=True):
+            joint, cross = self.route(*source(feats), masks, empty)
+            tokens = block(tokens, cond.layers, joint, cross, rope)
+        return self.unpatchify(self.proj_out(self.out_norm(tokens, cond.final)), h, w)
