@@ -52,7 +52,8 @@ class FuseDiTPipeline(DiffusionPipeline):
 
     @property
     def text_stream(self) -> TextEncoder:
-        pooled = PooledTextEncoder(self.pooled_text_encoder, self.pooled_tokenizer) if self.pooled_text_encoder else None
+        enc = self.pooled_text_encoder
+        pooled = PooledTextEncoder(enc, self.pooled_tokenizer) if enc is not None else None
         return TextEncoder(self.text_encoder, self.tokenizer, self.transformer.text_spec, pooled)
 
     @torch.no_grad()

@@ -23,8 +23,8 @@ _WORDS = {
 def _corpus() -> list[str]:
     """Caption-like lines over the synthetic vocabulary, so the BPE merges learn its words."""
     c, s, n = _WORDS["colour"], _WORDS["shape"], _WORDS["count"]
-    lines = [f"{k} {a} {b}s to the left of {k2} {a2} {b2}"
-             for (k, a, b), (k2, a2, b2) in zip(itertools.product(n, c, s), itertools.product(n[::-1], c[::-1], s))]
+    left, right = itertools.product(n, c, s), itertools.product(n[::-1], c[::-1], s)
+    lines = [f"{k} {a} {b}s to the left of {k2} {a2} {b2}" for (k, a, b), (k2, a2, b2) in zip(left, right, strict=True)]
     lines += [" ".join(ws) for ws in _WORDS.values()]
     return lines * 4
 

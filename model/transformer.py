@@ -37,7 +37,8 @@ class ShallowText(nn.Module):
         self.k_norm = norm_or_identity(a.qk_norm, a.head_dim)
 
     def forward(self, feats: TextContext) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k_norm(_heads(self.to_k(feats.states), self.head_dim)), _heads(self.to_v(feats.states), self.head_dim)
+        k, v = _heads(self.to_k(feats.states), self.head_dim), _heads(self.to_v(feats.states), self.head_dim)
+        return self.k_norm(k), v
 
 
 class ContextEmbedder(nn.Module):
