@@ -135,15 +135,17 @@ def _resolve(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
 
 def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict:
     """`a.b=value` strings (value parsed as YAML) or a flat {dotted: value} dict -> nested dict."""
-    items = overrides.items() if isinstance(overrides, dict) else [
-        tuple(o.split("=", 1)) if "=" in o else (o, None) for o in overrides or []
-    ]
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for o in overrides or []:
+            if "=" not in o:
+                raise UserError(f"override '{o}' must look like field.path=value")
+            key, value = o.split("=", 1)
+            items.append((key, yaml.safe_load(value)))
     nested: dict = {}
     for key, value in items:
-        if value is None:
-            raise UserError(f"override '{key}' must look like field.path=value")
-        if isinstance(overrides, list):
-            value = yaml.safe_load(value)
         node = nested
         *parents, leaf = key.split(".")
         for p in parents:

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny local checkpoints built from configs (random weights, saved with save_pretrained)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusedit.model import tiny
+from fusedit.model.config import load_recipe
+
+REF_TIERS = {
+    # recipe -> which tiny LLM stands in for its real one
+    "gemma-2": "gemma2", "large-scale": "gemma2", "paligemma": "paligemma",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    tok = tiny.build_tokenizer(root / "gemma")
+    tiny.build_llm(root / "gemma", "tiny-gemma", vocab_size=len(tok))
+    tok.save_pretrained(str(root / "gemma2"))
+    tiny.build_llm(root / "gemma2", "tiny-gemma-2", vocab_size=len(tok))
+    tok.save_pretrained(str(root / "paligemma"))
+    tiny.build_paligemma(root / "paligemma", vocab_size=len(tok))
+    tiny.build_clip(root / "clip", vocab_size=len(tok), dim=32)
+    tiny.build_vae(root / "vae")
+    return root
+
+
+def tiny_overrides(name: str, root: Path) -> dict:
+    """Shrink a reference recipe to tiny shapes while keeping what makes it that variant."""
+    ref = load_recipe(name).model
+    family = next((v for k, v in REF_TIERS.items() if name.endswith(k)), "gemma")
+    o = {"model.llm": str(root / family), "model.tokenizer": str(root / family), "model.vae": None,
+         "model.vae_subfolder": None, "model.vae_scale": 1, "model.resolution": 8, "model.in_channels": 4,
+         "model.pos_embed_max_size": 8, "model.max_prompt_length": 24}
+    if ref.dit_hidden_size:
+        o["model.dit_hidden_size"] = ref.dit_hidden_size // 32  # 1280 -> 40 against the tiny width 64
+    if ref.initial_layers:  # tiny LLMs have 4 layers: keep some text-only layers first and drop some last
+        o["model.initial_layers"] = ref.initial_layers // 2
+        o["model.dit_num_layers"] = 3 - ref.initial_layers // 2
+    if ref.text_modulation:
+        o["model.text_modulation"] = {"encoder": str(root / "clip"), "subfolder": "text_encoder",
+                                      "tokenizer_subfolder": "tokenizer", "dim": 32}
+    return o
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Give zero-initialised parts (adaLN, proj_out) random values so comparisons can fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.dim() == 1 else 0.0))
+    return module
