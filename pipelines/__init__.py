@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines drivers: thin components over fusedit.components."""
