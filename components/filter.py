@@ -284,7 +284,7 @@ def filter_shards(cfg: FilterConfig) -> FilterResult:
     old_manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else None
     if old_manifest and old_manifest.get("fingerprint") == run_fp:
         log.info("%s already holds this exact result; nothing to do", cfg.output)
-        return _gate(FilterResult(**old_manifest["result"], reused=True), cfg)
+        return _gate(FilterResult(**{**old_manifest["result"], "reused": True}), cfg)
     if old_manifest is not None:
         storage.remove(manifest_uri)  # from here on the old output no longer looks complete
 
