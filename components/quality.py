@@ -74,10 +74,10 @@ def _observed(res: Any) -> str:
 def validate(stats: Any, cfg: FilterConfig, report_dir: str) -> QualityResult:
     """Run the suite through a GX checkpoint in a file context at report_dir/gx; build Data Docs."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)  # its import logs at INFO
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
     ctx = gx.get_context(mode="file", project_root_dir=report_dir)
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     ctx.variables.save()

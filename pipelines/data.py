@@ -1,0 +1,82 @@
+"""KFP v2 components and pipelines for the data step: thin shells over `fusedit.components`.
+
+Each component body imports and calls the same function the CLI and DVC use, so a pipeline run and
+`dvc repro` produce the same shards. Bodies are self-contained (KFP ships their source), run on the
+project image (`image.IMAGE`, which already has fusedit and kfp installed), and also run unchanged
+under `kfp.local.SubprocessRunner(use_venv=False)`.
+"""
+from fusedit.pipelines.image import IMAGE
+from kfp import compiler, dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Output
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def synth_op(shards: Output[Dataset], samples: int = 2000, seed: int = 0, shard_size: int = 500,
+             bad_fraction: float = 0.1):
+    """Write the embedded default data set into the `shards` artifact directory."""
+    from fusedit.components.synth import synth
+
+    summary = synth(shards.path, samples=samples, seed=seed, shard_size=shard_size, bad_fraction=bad_fraction)
+    shards.metadata.update({"samples": samples, "seed": seed, "shards": len(summary["shards"]),
+                            "expected_kept": summary["expected_kept"]})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def filter_op(shards: Input[Dataset], filtered: Output[Dataset], metrics: Output[Metrics], report: Output[HTML],
+              config_yaml: str = "", tokenizer: str = ""):
+    """Filter `shards` (a local artifact or an s3:// import) into `filtered`; log metrics; HTML report."""
+    import os
+    import shutil
+
+    import yaml
+    from fusedit.components.filter import filter_shards
+    from fusedit.components.filter_config import FilterConfig
+
+    source = shards.uri if shards.uri.startswith("s3://") else shards.path
+    fields = yaml.safe_load(config_yaml) if config_yaml else {}
+    fields.update(input=source, output=filtered.path)
+    if tokenizer:
+        fields["tokenizer"] = tokenizer
+    cfg = FilterConfig.model_validate(fields)
+    gate, cfg.fail_on_quality = cfg.fail_on_quality, False  # publish metrics and report, then gate
+    result = filter_shards(cfg)
+    m = result.metrics
+    for name in ("n_in", "n_kept", "n_rejected", "reject_rate", "duplicate_rate", "decode_failure_rate",
+                 "n_bad_shards", "images_per_s"):
+        metrics.log_metric(name, float(m[name]))
+    for reason, n in m["reasons"].items():
+        metrics.log_metric(f"rejected_{reason}", float(n))
+    filtered.metadata.update({"n_kept": result.n_kept, "shards": len(result.shards)})
+    page = os.path.join(filtered.path, "report", "index.html")
+    if os.path.exists(page):
+        shutil.copyfile(page, report.path)
+    else:
+        with open(report.path, "w") as f:
+            f.write("<html><body><p>report disabled (report: false)</p></body></html>")
+    if gate and result.quality_success is False:
+        raise SystemExit("data quality gate failed: " + "; ".join(result.failed_expectations))
+
+
+@dsl.pipeline(name="fusedit-data", description="Synthetic shards -> filter, dedupe, reshard, quality report")
+def data_pipeline(samples: int = 2000, seed: int = 0, shard_size: int = 500, bad_fraction: float = 0.1,
+                  filter_config: str = "", tokenizer: str = ""):
+    made = synth_op(samples=samples, seed=seed, shard_size=shard_size, bad_fraction=bad_fraction)
+    filter_op(shards=made.outputs["shards"], config_yaml=filter_config, tokenizer=tokenizer)
+
+
+@dsl.pipeline(name="fusedit-filter", description="Filter existing shards (e.g. s3://bucket/prefix/)")
+def filter_pipeline(source_uri: str, filter_config: str = "", tokenizer: str = ""):
+    source = dsl.importer(artifact_uri=source_uri, artifact_class=Dataset, reimport=False)
+    filter_op(shards=source.output, config_yaml=filter_config, tokenizer=tokenizer)
+
+
+def compile_pipelines(out_dir: str) -> dict[str, str]:
+    """Compile both pipelines to KFP IR YAML files in out_dir; returns name -> path."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for name, fn in (("data", data_pipeline), ("filter", filter_pipeline)):
+        paths[name] = os.path.join(out_dir, f"{name}_pipeline.yaml")
+        compiler.Compiler().compile(fn, paths[name])
+    return paths
