@@ -54,14 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - classify, then re-raise internal errors
-        import click
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-        if isinstance(exc, click.exceptions.Exit):
+        if isinstance(exc, typer.Exit):
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, NoArgsIsHelpError):
+            exc.show()
+            sys.exit(0)
+        if isinstance(exc, ClickException):  # usage errors: bad or missing options
             exc.show()
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort | KeyboardInterrupt):
+        if isinstance(exc, typer.Abort | KeyboardInterrupt):
             print("aborted", file=sys.stderr)
             sys.exit(130)
         line = _user_error_line(exc)

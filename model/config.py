@@ -62,8 +62,8 @@ class ModelConfig(Strict):
                 f"resolution {self.resolution} is not a multiple of vae_scale*patch_size "
                 f"({self.vae_scale}*{self.patch_size})"
             )
-        if self.vae is None and self.vae_scale != 1:
-            raise ValueError("vae: pixel space (vae: null) needs vae_scale: 1")
+        if self.vae is None and (self.vae_scale != 1 or self.in_channels != 3):
+            raise ValueError("vae: pixel space (vae: null) needs vae_scale: 1 and in_channels: 3")
         if self.text_modulation and self.timestep_conditioning == "none":
             raise ValueError("text_modulation is added to the timestep embedding; "
                              "timestep_conditioning 'none' has none")

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fusedit.model import tiny
 from fusedit.model.config import load_recipe
 
@@ -34,7 +33,7 @@ def tiny_overrides(name: str, root: Path) -> dict:
     ref = load_recipe(name).model
     family = next((v for k, v in REF_TIERS.items() if name.endswith(k)), "gemma")
     o = {"model.llm": str(root / family), "model.tokenizer": str(root / family), "model.vae": None,
-         "model.vae_subfolder": None, "model.vae_scale": 1, "model.resolution": 8, "model.in_channels": 4,
+         "model.vae_subfolder": None, "model.vae_scale": 1, "model.resolution": 8, "model.in_channels": 3,
          "model.pos_embed_max_size": 8, "model.max_prompt_length": 24}
     if ref.dit_hidden_size:
         o["model.dit_hidden_size"] = ref.dit_hidden_size // 32  # 1280 -> 40 against the tiny width 64

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fusedit.model.config import FlowConfig, load_recipe, recipe_names, resolve
 from fusedit.model.flow import RectifiedFlow
 from fusedit.model.text import PooledTextEncoder, TextEncoder, llm_config_for, load_llm, load_tokenizer
 from fusedit.model.transformer import FuseDiTTransformer
+
 from tests.conftest import randomize, tiny_overrides
 from tests.oracle import joint_forward
 
@@ -37,7 +37,7 @@ def test_cached_equals_joint_attention_oracle(name, tiny_dir):
     ids, mask = enc.tokenize(CAPTIONS)
     assert not mask.all(), "the batch must contain padding for this test to mean something"
     pooled = enc.pooled(CAPTIONS) if enc.pooled is not None else None
-    x = torch.randn(len(CAPTIONS), 4, 8, 12)  # non-square: 4 x 6 patches
+    x = torch.randn(len(CAPTIONS), 3, 8, 12)  # non-square: 4 x 6 patches
     t = torch.tensor([10.0, 500.0, 990.0])
     with torch.no_grad():
         cached = dit(x, t, enc(ids, mask, CAPTIONS))
@@ -52,7 +52,7 @@ def test_training_step_updates_only_the_dit(name, tiny_dir):
     flow = RectifiedFlow(recipe.flow)
     g = torch.Generator().manual_seed(0)
     text = enc.encode(CAPTIONS)
-    x0 = torch.randn(3, 4, 8, 8, generator=g)
+    x0 = torch.randn(3, 3, 8, 8, generator=g)
     loss = flow.loss(dit, x0, text, flow.sample_sigmas(3, g), torch.randn(x0.shape, generator=g))
     loss.backward()
     assert torch.isfinite(loss)
@@ -67,7 +67,7 @@ def test_text_stream_is_independent_of_the_image(tiny_dir):
     randomize(dit)
     text = enc.encode(CAPTIONS)
     before = {k: v.clone() for k, v in text.tensors().items()}
-    x = torch.randn(3, 4, 8, 8)
+    x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         dit(x, torch.full((3,), 100.0), text)
         dit(torch.randn_like(x), torch.full((3,), 900.0), text)
@@ -82,7 +82,7 @@ def test_padding_tokens_change_nothing(name, tiny_dir):
     randomize(dit)
     ids, mask = enc.tokenize(CAPTIONS)
     other = ids.masked_fill(~mask, 7)  # different ids at the pad positions only
-    x, t = torch.randn(3, 4, 8, 8), torch.full((3,), 300.0)
+    x, t = torch.randn(3, 3, 8, 8), torch.full((3,), 300.0)
     with torch.no_grad():
         a = dit(x, t, enc(ids, mask, CAPTIONS))
         b = dit(x, t, enc(other, mask, CAPTIONS))
