@@ -78,6 +78,22 @@ class TextContext:
             pooled=None if first.pooled is None else torch.cat([t.pooled for t in items]),
         )
 
+    def where(self, drop: torch.Tensor, other: TextContext) -> TextContext:
+        """Per sample: `other` (broadcast from one sample, e.g. the empty caption) where drop is True."""
+        n = max(self.mask.shape[1], other.mask.shape[1])
+        a, b = self.pad_to(n), other.pad_to(n)
+
+        def pick(x, y, dim=None):
+            d = drop.view(-1, *([1] * (x.dim() - 1)))
+            return torch.where(d, y.expand_as(x) if y.shape[0] == 1 else y, x)
+
+        return TextContext(
+            mask=pick(a.mask, b.mask),
+            kv=tuple((pick(ka, kb), pick(va, vb)) for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)),
+            states=None if a.states is None else pick(a.states, b.states),
+            pooled=None if a.pooled is None else pick(a.pooled, b.pooled),
+        )
+
     def select(self, index) -> TextContext:
         return self.map(lambda x, d: x[index], lambda x: x[index])
 

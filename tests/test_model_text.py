@@ -96,3 +96,12 @@ def test_context_cat_pads_and_trim_drops_unused_columns(tiny_dir):
 def test_missing_llm_path_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_llm(str(tmp_path / "nope" / "llm"), 2)
+
+
+def test_where_swaps_in_the_unconditional_features(tiny_dir):
+    enc = _encoder(tiny_dir / "gemma", TextSpec(kind="kv", layers=[0, 1], llm_num_layers=2, max_length=32))
+    cond, uncond = enc.encode(CAPTIONS[:2]), enc.encode([""])
+    mixed = cond.where(torch.tensor([False, True]), uncond)
+    assert torch.equal(mixed.select(slice(0, 1)).trim().kv[1][0], cond.select(slice(0, 1)).trim().kv[1][0])
+    assert torch.equal(mixed.select(slice(1, 2)).trim().kv[1][0], uncond.kv[1][0])
+    assert mixed.lengths.tolist() == [int(cond.lengths[0]), 1]
