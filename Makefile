@@ -1,10 +1,12 @@
-# All targets are idempotent: `make setup` only (re)installs when pyproject.toml changes.
+# All targets are idempotent: `make setup` only reinstalls when pyproject.toml changes.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup sysdeps test lint demo bench clean
 
 setup: $(STAMP)
 
@@ -15,14 +17,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+sysdeps:
+	bash scripts/sysdeps.sh
+
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup lint
+test: setup sysdeps lint
 	$(BIN)/pytest -q
 
 demo: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	$(BIN)/dvc repro
+	@echo "data-quality report: data/filtered/report/index.html"
 
 bench: setup
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
