@@ -15,6 +15,7 @@ GROUPS = {
 # top-level commands: name -> (module, function)
 COMMANDS = {
     "generate": ("fusedit.model.cli", "generate"),
+    "train": ("fusedit.components.train_cli", "train_command"),
 }
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

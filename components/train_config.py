@@ -1,0 +1,77 @@
+"""Typed training stages, as declared in params.yaml (`train:`): one pipeline step per stage."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from fusedit.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Stage(BaseModel):
+    """One fine-tuning stage. Defaults are the reference recipe (AdamW 1e-4, wd 1e-4, clip 1, EMA 0.99/100)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    steps: int = Field(gt=0)
+    batch_size: int = Field(16, gt=0)  # global batch, split over ranks
+    lr: float = Field(1e-4, gt=0)
+    llm_lr: float = Field(1e-5, ge=0)  # only for trains: dit+llm
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    trains: Literal["dit", "dit+llm"] = "dit"
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+    ema_every: int = Field(100, gt=0)
+    init_from: str | None = None  # a previous stage's name (its output beside ours) or a stage output URI
+    upstream: str | None = None  # orchestration only: the path DVC makes this stage depend on
+    resolution: int | None = Field(None, gt=0)  # overrides the recipe's model.resolution
+    save_every: int = Field(50, gt=0)
+    keep_last: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    sample_every: int = Field(0, ge=0)  # 0: only at the end
+    sample_prompts: list[str] = ["two red circles to the left of a blue square", "a green triangle"]
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+
+    @model_validator(mode="after")
+    def _check(self) -> Stage:
+        if self.init_from == self.name:
+            raise ValueError(f"stage '{self.name}': init_from names the stage itself")
+        return self
+
+
+class TrainParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 42
+    stages: list[Stage]
+
+    @model_validator(mode="after")
+    def _names(self) -> TrainParams:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names repeat: {names}")
+        for s in self.stages:
+            if s.init_from and "/" not in s.init_from and s.init_from not in names:
+                raise ValueError(f"stage '{s.name}': init_from '{s.init_from}' is neither a stage nor a path")
+        return self
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise UserError(f"unknown stage '{name}' (declared: {', '.join(s.name for s in self.stages)})")
+
+
+def load_train_params(path: str | Path, section: str = "train") -> TrainParams:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"params file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    for part in section.split("."):
+        if not isinstance(data, dict) or part not in data:
+            raise UserError(f"{p}: no '{section}' section")
+        data = data[part]
+    return TrainParams.model_validate(data)
