@@ -82,6 +82,8 @@ def steps(root: str) -> list[int]:
 
 def _load_step(root: str, step: int) -> Checkpoint:
     dest = storage.join(root, f"step-{step:08d}")
+    if not storage.exists(storage.join(dest, MARKER)):
+        raise FileNotFoundError(dest)
     marker = json.loads(storage.read_bytes(storage.join(dest, MARKER)))
     tensors, objects, meta = {}, {}, {}
     for name, info in marker["files"].items():
