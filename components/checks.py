@@ -9,7 +9,7 @@ import hashlib
 import io
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fusedit.components.filter_config import FilterConfig
@@ -34,8 +34,14 @@ class Reject(Exception):
 class Judged:
     row: dict[str, Any]  # one stats row (no decision yet when kept)
     members: dict[str, bytes] | None = None  # output members when the sample passes
-    image: Image.Image | None = None  # decoded RGB image (for thumbnails), dropped after use
-    extra: dict[str, Any] = field(default_factory=dict)
+    image: Image.Image | None = None  # decoded image (RGB, or L for pass-through JPEGs)
+    image_data: bytes | None = None
+
+    def rgb(self) -> Image.Image | None:
+        """The image in colour (decodes again for pass-through JPEGs; used for a few thumbnails)."""
+        if self.image is None or self.image.mode == "RGB":
+            return self.image
+        return Image.open(io.BytesIO(self.image_data)).convert("RGB")
 
 
 def normalize_text(text: str) -> str:
@@ -50,7 +56,14 @@ def _pick(members: dict[str, bytes], names: list[str]) -> tuple[str, bytes] | No
 
 
 def decode_image(data: bytes, cfg: FilterConfig) -> tuple[Image.Image, str, str]:
-    """Fully decode to RGB or raise Reject; returns (image, original mode, original format)."""
+    """Fully decode or raise Reject; returns (image, original mode, original format).
+
+    The whole compressed stream is always decoded at full resolution, so truncation and corruption
+    anywhere fail. An RGB JPEG is kept byte-for-byte, so unless `full_color_decode` is set it is
+    decoded to luminance only (libjpeg still entropy-decodes every component; it skips chroma
+    upsampling and colour conversion): the same validation at about half the cost. The returned
+    image is then mode "L"; every other input is converted to RGB (alpha composited on white).
+    """
     if not data:
         raise Reject("empty_image", "0 bytes")
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image must fail, never be padded grey
@@ -61,6 +74,9 @@ def decode_image(data: bytes, cfg: FilterConfig) -> tuple[Image.Image, str, str]
             w, h = img.size
             if w * h > cfg.max_pixels:
                 raise Reject("decompression_bomb", f"header claims {w}x{h} > {cfg.max_pixels} pixels")
+            passthrough = img.format == "JPEG" and img.mode == "RGB"
+            if passthrough and not cfg.full_color_decode:
+                img.draft("L", img.size)
             img.load()
     except Reject:
         raise
@@ -68,7 +84,10 @@ def decode_image(data: bytes, cfg: FilterConfig) -> tuple[Image.Image, str, str]
         raise Reject("decompression_bomb", str(exc)[:200]) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a reject, with its message
         raise Reject("decode_error", f"{type(exc).__name__}: {exc}"[:200]) from None
-    mode, fmt = img.mode, img.format or ""
+    fmt = img.format or ""
+    if passthrough:
+        return img, "RGB", fmt
+    mode = img.mode
     if mode != "RGB":
         if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
@@ -84,12 +103,13 @@ def count_tokens(tokenizer: Any, text: str) -> int:
 
 
 def phash(img: Image.Image) -> int:
-    """64-bit perceptual hash; the image is box-reduced first (same hash family, 5x cheaper)."""
+    """64-bit perceptual hash of a grey, box-reduced copy (imagehash then resizes to 32x32 anyway);
+    reducing first makes it several times cheaper than hashing the full image."""
     import imagehash
 
-    factor = max(1, min(img.size) // 64)
-    small = img.reduce(factor) if factor > 1 else img
-    return int(str(imagehash.phash(small)), 16)
+    grey = img if img.mode == "L" else img.convert("L")
+    factor = max(1, min(img.size) // 32)
+    return int(str(imagehash.phash(grey.reduce(factor) if factor > 1 else grey)), 16)
 
 
 def judge(sample: Sample, shard: str, cfg: FilterConfig, tokenizer: Any = None) -> Judged:
@@ -115,7 +135,7 @@ def judge(sample: Sample, shard: str, cfg: FilterConfig, tokenizer: Any = None) 
         img, mode, fmt = decode_image(data, cfg)
         w, h = img.size
         row.update(width=w, height=h, aspect=round(w / h, 4), mode=mode, format=fmt)
-        judged.image = img
+        judged.image, judged.image_data = img, data
         if min(w, h) < cfg.min_side:
             raise Reject("too_small", f"{w}x{h}, short side < {cfg.min_side}")
         if not cfg.min_aspect <= w / h <= cfg.max_aspect:
@@ -148,7 +168,7 @@ def judge(sample: Sample, shard: str, cfg: FilterConfig, tokenizer: Any = None) 
             out_image = data  # already an RGB JPEG: keep the original bytes, no re-encoding loss
         else:
             buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=cfg.jpeg_quality)
+            judged.rgb().save(buf, "JPEG", quality=cfg.jpeg_quality)
             out_image = buf.getvalue()
             row["converted"] = True
         members = {"image.jpg": out_image}

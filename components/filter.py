@@ -96,14 +96,14 @@ def process_shard(task: dict[str, Any]) -> dict[str, Any]:
                 for sample in iter_samples(stream, cfg.max_member_bytes):
                     j = judge(sample, uri, cfg, tok)
                     if j.members is not None:
-                        writer.write(sample.key, j.members)
+                        j.row["tar_offset"], j.row["tar_length"] = writer.write(sample.key, j.members)
                     if j.image is not None:
                         reason = j.row["reason"]
                         if reason is None and n_kept_thumbs < THUMBS_PER_SHARD:
-                            thumbs[sample.index] = _thumb(j.image)
+                            thumbs[sample.index] = _thumb(j.rgb())
                             n_kept_thumbs += 1
                         elif reason is not None and per_reason[reason] < 2:
-                            thumbs[sample.index] = _thumb(j.image)
+                            thumbs[sample.index] = _thumb(j.rgb())
                             per_reason[reason] += 1
                     rows.append(j.row)
         except ShardError as exc:
@@ -190,13 +190,14 @@ class _ShardSink:
         self._file = None
         self._count = 0
 
-    def write(self, key: str, members: dict[str, bytes]) -> None:
+    def write_raw(self, blob: bytes) -> None:
+        """Append one whole sample (its tar bytes, as written by TarSink in pass 1)."""
         if self._writer is None:
             name = f"shard-{len(self.names):06d}.tar"
             self.names.append(name)
             self._file = open(os.path.join(self.out_dir, name + ".part"), "wb")
             self._writer = TarSink(self._file)
-        self._writer.write(key, members)
+        self._writer.copy_raw(blob)
         self._count += 1
         if self._count == self.size:
             self._finish()
@@ -241,7 +242,7 @@ def _metrics(rows: list[dict[str, Any]], bad: list[dict[str, Any]], n_shards_in:
 def _stats_frame(rows: list[dict[str, Any]]):
     import pandas as pd
 
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows).drop(columns=["tar_offset", "tar_length"], errors="ignore")
     for col in ("width", "height", "image_bytes", "caption_chars", "caption_tokens", "index"):
         df[col] = df[col].astype("Int64")
     df["aspect"] = df["aspect"].astype("Float64")
@@ -317,18 +318,18 @@ def filter_shards(cfg: FilterConfig) -> FilterResult:
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(os.path.join(stage, "shards"))
     sink = _ShardSink(os.path.join(stage, "shards"), cfg.samples_per_shard)
-    by_shard: dict[str, set[str]] = {}
+    by_shard: dict[str, list[tuple[int, int]]] = {}
     for r in rows:
         if r["decision"] == "kept":
-            by_shard.setdefault(r["shard"], set()).add(r["key"])
-    for t in tasks:
-        keep = by_shard.get(t["uri"], set())
-        if not keep:
+            by_shard.setdefault(r["shard"], []).append((r["tar_offset"], r["tar_length"]))
+    for t in tasks:  # copy the survivors' bytes; no re-parsing, no re-encoding
+        ranges = by_shard.get(t["uri"])
+        if not ranges:
             continue
         with open(os.path.join(t["dir"], "kept.tar"), "rb") as f:
-            for s in iter_samples(f):
-                if s.key in keep:
-                    sink.write(s.key, s.members)
+            for offset, length in ranges:
+                f.seek(offset)
+                sink.write_raw(f.read(length))
     out_names = sink.close()
     seconds = time.perf_counter() - t0
 

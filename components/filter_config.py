@@ -67,6 +67,7 @@ class FilterConfig(BaseModel):
     min_aspect: float = Field(0.33, gt=0)  # width / height
     max_aspect: float = Field(3.0, gt=0)
     max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard, checked before decoding
+    full_color_decode: bool = False  # also colour-convert RGB JPEGs that pass through (slower)
     max_member_bytes: int = Field(64 << 20, ge=1)
     max_caption_chars: int = Field(2000, ge=1)
     max_caption_tokens: int = Field(256, ge=1)
@@ -94,7 +95,7 @@ class FilterConfig(BaseModel):
     def shard_fingerprint(self) -> str:
         """Hash of the settings that change per-shard results (resume only reuses matching work)."""
         keys = ["tokenizer", "columns", "min_side", "min_aspect", "max_aspect", "max_pixels",
-                "max_member_bytes", "max_caption_chars", "max_caption_tokens", "jpeg_quality",
+                "max_member_bytes", "max_caption_chars", "full_color_decode", "max_caption_tokens", "jpeg_quality",
                 "thumbnails"]
         blob = json.dumps(self.model_dump(include=set(keys)), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
