@@ -74,10 +74,11 @@ class _Source:
         buf = _ShardBuffer(self.uris)
         step = start_step
         while True:
-            yield self._batch([buf.get(s, i) for s, i in self.order.step(step)])
+            picks = self.order.step(step)
+            yield self._batch([buf.get(s, i) for s, i in picks], [self.uris[s] for s, _ in picks])
             step += 1
 
-    def _batch(self, samples: list[Sample]) -> Batch:
+    def _batch(self, samples: list[Sample], uris: list[str]) -> Batch:
         raise NotImplementedError
 
 
@@ -95,7 +96,7 @@ class CachedFeatures(_Source):
                                         device=self.device)
         self.latent_shift, self.latent_scale = float(manifest["latent_shift"]), float(manifest["latent_scale"])
 
-    def _batch(self, samples: list[Sample]) -> Batch:
+    def _batch(self, samples: list[Sample], uris: list[str]) -> Batch:
         from safetensors.torch import load
 
         feats = [load(s.members[FEATURES_EXT]) for s in samples]
@@ -124,13 +125,13 @@ class OnlineFeatures(_Source):
         self.encoder = ImageEncoder(recipe, pick_device(str(device)))
         self.latent_shift, self.latent_scale = self.encoder.shift, self.encoder.scale
 
-    def _batch(self, samples: list[Sample]) -> Batch:
+    def _batch(self, samples: list[Sample], uris: list[str]) -> Batch:
         captions, pixels = [], []
-        for s, uri in ((s, self.uris[self.order.counts and 0]) for s in samples):
+        for s, uri in zip(samples, uris, strict=True):
             captions.append(caption_of(s, uri, self.caption))
             data = image_member(s.members)
             if data is None:
-                raise UserError(f"sample '{s.key}' has no image member")
+                raise UserError(f"{uri}: sample '{s.key}' has no image member")
             pixels.append(preprocess(data, self.resolution))
         mean, logvar = self.encoder(torch.stack(pixels))
         return Batch(keys=[s.key for s in samples], captions=captions, mean=mean, logvar=logvar, text=None)

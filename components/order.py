@@ -16,6 +16,8 @@ from fusedit.errors import UserError
 
 class SampleOrder:
     def __init__(self, counts: list[int], seed: int, batch_size: int, rank: int = 0, world: int = 1):
+        if seed < 0:
+            raise UserError(f"seed must be >= 0 (got {seed})")
         if batch_size < 1 or world < 1 or not 0 <= rank < world:
             raise UserError(f"bad batch/rank layout: batch_size={batch_size}, rank={rank}, world={world}")
         self.counts, self.total = list(counts), sum(counts)
