@@ -17,7 +17,7 @@ from fusedit.components.filter_config import FilterConfig
 
 log = logging.getLogger(__name__)
 DOCS_INDEX = "gx/uncommitted/data_docs/local_site/index.html"
-KEPT = 'decision=="kept"'
+KEPT_ONLY = "kept_only"
 
 
 @dataclass
@@ -32,7 +32,7 @@ class QualityResult:
 def expectation_specs(cfg: FilterConfig, has_tokens: bool) -> list[tuple[str, str, dict[str, Any]]]:
     """(readable name, GX expectation class, kwargs) for every check of the suite."""
     q = cfg.quality
-    kept = {"row_condition": KEPT, "condition_parser": "pandas"}
+    kept = {KEPT_ONLY: True}  # becomes a GX row condition decision == "kept"
     specs: list[tuple[str, str, dict[str, Any]]] = [
         ("at least one input sample", "ExpectTableRowCountToBeBetween", {"min_value": 1}),
         ("every row has a key", "ExpectColumnValuesToNotBeNull", {"column": "key"}),
@@ -77,6 +77,7 @@ def validate(stats: Any, cfg: FilterConfig, report_dir: str) -> QualityResult:
     logging.getLogger("great_expectations").setLevel(logging.ERROR)  # its import logs at INFO
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.expectations.row_conditions import Column
 
     ctx = gx.get_context(mode="file", project_root_dir=report_dir)
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
@@ -87,6 +88,8 @@ def validate(stats: Any, cfg: FilterConfig, report_dir: str) -> QualityResult:
     has_tokens = bool(stats["caption_tokens"].notna().any()) if len(stats) else False
     names = []
     for name, cls, kwargs in expectation_specs(cfg, has_tokens):
+        if kwargs.pop(KEPT_ONLY, False):
+            kwargs["row_condition"] = Column("decision") == "kept"
         suite.add_expectation(getattr(gx.expectations, cls)(**kwargs, meta={"name": name}))
         names.append(name)
     vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="stats", data=batch, suite=suite))
