@@ -24,7 +24,8 @@ import json, resource, sys, time
 import imagehash, pandas, pyarrow.parquet  # one-time imports, outside the timing like the bare loop's
 from fusedit.components.filter import filter_shards
 from fusedit.components.filter_config import FilterConfig
-cfg = FilterConfig(input=sys.argv[1], output=sys.argv[2], workers=int(sys.argv[3]), report=False)
+cfg = FilterConfig(input=sys.argv[1], output=sys.argv[2], workers=int(sys.argv[3]), report=False,
+                   full_color_decode=sys.argv[4] == "1")
 t0 = time.perf_counter()
 r = filter_shards(cfg)
 seconds = time.perf_counter() - t0
@@ -45,8 +46,8 @@ def bare_decode(paths: list[str]) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def run_filter(pattern: str, out: str, workers: int) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, pattern, out, str(workers)], check=True,
+def run_filter(pattern: str, out: str, workers: int, full_color: bool = False) -> dict:
+    res = subprocess.run([sys.executable, "-c", CHILD, pattern, out, str(workers), str(int(full_color))], check=True,
                          capture_output=True, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -66,6 +67,7 @@ def main() -> None:
         one = run_filter(shards[0], os.path.join(tmp, "out1"), 1)
         ten = run_filter(src, os.path.join(tmp, "out10"), 1)
         par = run_filter(src, os.path.join(tmp, "outp"), 0)
+        rgb = run_filter(src, os.path.join(tmp, "outc"), 1, full_color=True)
         _, t_after = bare_decode(shards)  # before and after, so a busy machine skews both sides alike
     bare_ips = n_bare / ((t_before + t_after) / 2)
     filt_ips = ten["n"] / ten["seconds"]
@@ -73,6 +75,8 @@ def main() -> None:
     print(f"bare PIL decode (1 core):      {bare_ips:8.1f} images/s")
     print(f"filter, 1 worker (1 core):     {filt_ips:8.1f} images/s")
     print(f"ratio filter / bare decode:    {filt_ips / bare_ips:8.2f}   (target >= 0.5)")
+    print(f"  same, full_color_decode:     {rgb['n'] / rgb['seconds']:8.1f} images/s"
+          f"   (ratio {rgb['n'] / rgb['seconds'] / bare_ips:.2f})")
     print(f"filter, all cores:             {par['n'] / par['seconds']:8.1f} images/s")
     print(f"peak memory, 1 shard:          {one['peak_mb']:8.1f} MB")
     print(f"peak memory, 10 shards:        {ten['peak_mb']:8.1f} MB")
