@@ -51,7 +51,7 @@ def _user_error_line(exc: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # non-standalone click returns typer.Exit codes
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - classify, then re-raise internal errors
@@ -74,3 +74,5 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+    if isinstance(code, int) and code:
+        sys.exit(code)
