@@ -11,6 +11,7 @@ from fusedit.errors import UserError
 GROUPS = {
     "model": "fusedit.model.cli",
     "data": "fusedit.components.data_cli",
+    "cache": "fusedit.components.cache_cli",
 }
 # top-level commands: name -> (module, function)
 COMMANDS = {
