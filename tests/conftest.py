@@ -55,7 +55,7 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
     return module
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 API server on 127.0.0.1 (a real HTTP server, not in-process patching)."""
     import os

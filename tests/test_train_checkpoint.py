@@ -46,8 +46,10 @@ def test_nothing_to_resume_from(tmp_path):
     assert checkpoint.load_latest(str(tmp_path / "empty")) is None
 
 
-def test_s3_checkpoints(s3_server):
+def test_s3_checkpoints(s3_server, monkeypatch):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="ckpt")
+    monkeypatch.setattr(storage, "_options", storage.options())  # restored after the test
+    monkeypatch.setattr(storage, "_clients", {})
     storage.configure(endpoint_url=s3_server)
     root = "s3://ckpt/run/checkpoints"
     for s in (5, 6, 7):
