@@ -1,7 +1,9 @@
 """One training stage: rectified flow on the DiT (optionally the LLM too), resumable to the exact loss.
 
-The batch sequence and every random draw of step s are functions of (seed, s, rank), so resuming
-needs only the committed checkpoint (model, EMA, optimizer, LR schedule): no loader replay.
+Every random draw of step s comes from a generator seeded by (seed, s) for the whole global batch,
+and each rank takes its slice, as it takes its slice of the batch itself (features.py). So resuming
+needs only the committed checkpoint (model, EMA, optimizer, LR schedule), and N ranks see exactly
+the draws one process would.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -17,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fusedit.components import checkpoint, storage
+from fusedit.components import checkpoint, distributed, storage
 from fusedit.components.train_config import Stage, load_train_params
 from fusedit.errors import UserError
 from fusedit.model.config import Recipe, load_recipe, resolve
 from fusedit.model.flow import RectifiedFlow
-from fusedit.model.text import TextEncoder, llm_config_for, load_llm, load_tokenizer
+from fusedit.model.text import TextContext, TextEncoder, llm_config_for, load_llm, load_tokenizer
 from fusedit.model.transformer import FuseDiTTransformer
+from torch import nn
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved on SIGTERM, rerun to resume
@@ -43,46 +47,59 @@ class TrainResult:
     images_per_s: float
     trainable_params: int
     llm_trainable_params: int
+    world: int
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """The RNG of one step on one rank: caption dropout, timesteps, posterior and flow noise."""
-    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint64)
+class Denoiser(nn.Module):
+    """The trained module: the DiT, plus the LLM when text is computed online (joint fine-tuning)."""
+
+    def __init__(self, dit: FuseDiTTransformer, encoder: TextEncoder | None):
+        super().__init__()
+        self.dit, self.encoder = dit, encoder
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext | list[str]) -> torch.Tensor:
+        return self.dit(x, t, text if isinstance(text, TextContext) else self.encoder.encode(text))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The RNG of one global step: caption dropout, timesteps, posterior and flow noise."""
+    state = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> 1))
 
 
-def reachable_llm_params(encoder: TextEncoder) -> list[torch.nn.Parameter]:
+def reachable_llm_params(encoder: TextEncoder) -> list[nn.Parameter]:
     """LLM parameters a gradient can reach through the text features the DiT reads (probed once).
 
     The last shared layer's query/output projections and MLP, the final norm and anything after it
-    never influence those features, so they stay out of the optimizer.
+    never influence those features: they stay frozen and out of the optimizer.
     """
     llm = encoder.llm
     llm.requires_grad_(True)
-    for p in llm.parameters():
-        p.grad = None
     probe = encoder.encode(["a probe caption"])
     feats = [t for t in probe.tensors().values() if t.dtype.is_floating_point and t.requires_grad]
     sum(f.float().sum() for f in feats).backward()
-    reach = [p for p in llm.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
-    ids = {id(p) for p in reach}
+    reach = {id(p) for p in llm.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     for p in llm.parameters():
         p.grad = None
-        p.requires_grad_(id(p) in ids)
-    return reach
+        p.requires_grad_(id(p) in reach)
+    return [p for p in llm.parameters() if p.requires_grad]
 
 
 class EMA:
-    """Exponential moving average of the trainable DiT weights, updated every N steps."""
+    """Exponential moving average of the DiT weights (full, fp32, on CPU), updated every N steps."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, weights: dict[str, torch.Tensor], decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.shadow = {k: v.detach().float().cpu().clone() for k, v in weights.items()}
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            self.shadow[k].lerp_(v.float(), 1 - self.decay)
+    def update(self, weights: dict[str, torch.Tensor]) -> None:
+        for k, v in weights.items():
+            self.shadow[k].lerp_(v.detach().float().cpu(), 1 - self.decay)
+
+
+def _dit_part(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _stage_output(output: str, init_from: str) -> str:
@@ -112,6 +129,38 @@ def _precision(stage: Stage, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+class _Logs:
+    """loss.tsv (for dvc plots), TensorBoard events and sample grids; rank 0 only."""
+
+    def __init__(self, root: Path, start: int, enabled: bool):
+        self.root, self.enabled = root, enabled
+        self.rows: list[tuple] = []
+        self.tb = None
+        if enabled:
+            root.mkdir(parents=True, exist_ok=True)
+            self.rows = _resume_rows(root / "loss.tsv", start)
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(root / "tensorboard"), purge_step=start + 1)
+
+    def step(self, step: int, loss: float, lr: float, ips: float) -> None:
+        if self.enabled:
+            self.rows.append((step, loss, lr, ips))
+            self.tb.add_scalar("train/loss", loss, step)
+            self.tb.add_scalar("train/lr", lr, step)
+            self.tb.add_scalar("train/images_per_s", ips, step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            _write_rows(self.root / "loss.tsv", self.rows)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.flush()
+            self.tb.close()
+
+
 def train(recipe: str | Recipe, stage: str, data: str, output: str, params: str = "params.yaml",
           overrides: list[str] | None = None, device: str | None = None) -> TrainResult:
     """Run (or resume) one stage; write checkpoints, logs, metrics and the EMA pipeline under output."""
@@ -119,120 +168,181 @@ def train(recipe: str | Recipe, stage: str, data: str, output: str, params: str 
     st = tp.stage(stage)
     ov = list(overrides or []) + ([f"model.resolution={st.resolution}"] if st.resolution else [])
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, ov)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if st.batch_size % world:
-        raise UserError(f"stage '{st.name}': batch_size {st.batch_size} is not divisible by {world} ranks")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cpu":
+    d = distributed.setup(device, st.strategy)
+    try:
+        return _train(rec, st, tp.seed, data, output, d)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distributed.Dist) -> TrainResult:
+    if st.batch_size % d.world:
+        raise UserError(f"stage '{st.name}': batch_size {st.batch_size} is not divisible by {d.world} ranks")
+    local_batch = st.batch_size // d.world
+    if d.device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     m = rec.model
     arch, spec = resolve(m, llm_config_for(m.llm))
-    torch.manual_seed(tp.seed)
-    model = FuseDiTTransformer(arch.model_dump(), spec.model_dump(), sample_size=m.latent_size).to(dev)
+    torch.manual_seed(seed)
+    dit = FuseDiTTransformer(arch.model_dump(), spec.model_dump(), sample_size=m.latent_size)
     train_llm = st.trains == "dit+llm"
-    encoder = TextEncoder(load_llm(m.llm, spec.llm_num_layers).to(dev), load_tokenizer(m.tokenizer or m.llm), spec)
 
-    from fusedit.components.features import check_fingerprint, open_features  # noqa: F401 - the cache step
+    from fusedit.components.features import open_features
 
-    features = open_features(rec, data, batch_size=st.batch_size // world, seed=tp.seed, rank=rank, world=world,
-                             device=str(dev))
+    features = open_features(rec, data, batch_size=local_batch, seed=seed, rank=d.rank, world=d.world,
+                             device=str(d.device))
+    cached_text = features.uncond is not None and not train_llm
     if train_llm and features.uncond is not None:
         log.warning("stage '%s' trains the LLM: cached text features cannot be used, computing them online",
                     st.name)
+    encoder = None
+    if not cached_text:
+        encoder = TextEncoder(load_llm(m.llm, spec.llm_num_layers), load_tokenizer(m.tokenizer or m.llm), spec)
     llm_params = reachable_llm_params(encoder) if train_llm else []
-    ema = EMA(model, st.ema_decay)
-    if st.init_from:
-        prev = checkpoint.load_latest(storage.join(_stage_output(output, st.init_from), "checkpoints"))
-        if prev is None:
-            raise UserError(f"stage '{st.name}': init_from '{st.init_from}' has no committed checkpoint")
-        model.load_state_dict(prev.tensors["model"])
-        ema.shadow = {k: v.clone().float() for k, v in prev.tensors["ema"].items()}
-        if "llm" in prev.tensors:
-            encoder.llm.load_state_dict(prev.tensors["llm"], strict=False)
+    denoiser = Denoiser(dit, encoder).to(d.device)
 
-    groups = [{"params": list(model.parameters()), "lr": st.lr}]
+    ema = EMA(dit.state_dict(), st.ema_decay)
+    ckpt_root = storage.join(output, "checkpoints")
+    resume = checkpoint.load_latest(ckpt_root)
+    init = resume
+    if resume is None and st.init_from:
+        init = checkpoint.load_latest(storage.join(_stage_output(output, st.init_from), "checkpoints"))
+        if init is None:
+            raise UserError(f"stage '{st.name}': init_from '{st.init_from}' has no committed checkpoint")
+    if init is not None:  # weights before sharding: every rank holds the full state
+        dit.load_state_dict(init.tensors["model"])
+        ema.shadow = {k: v.clone().float() for k, v in init.tensors["ema"].items()}
+        if encoder is not None and "llm" in init.tensors:
+            encoder.llm.load_state_dict(init.tensors["llm"], strict=False)
+
+    units = list(dit.blocks) + ([layer for layer in encoder.llm.layers] if train_llm else [])
+    model = distributed.wrap(denoiser, d, units)
+    core = distributed.unwrap(model)
+    groups = [{"params": list(core.dit.parameters()), "lr": st.lr}]
     if llm_params:
-        groups.append({"params": llm_params, "lr": st.llm_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=st.weight_decay, fused=dev.type == "cuda")
+        groups.append({"params": [p for p in core.encoder.llm.parameters() if p.requires_grad], "lr": st.llm_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=st.weight_decay, fused=d.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / st.warmup_steps) if st.warmup_steps else 1.0)
-    flow = RectifiedFlow(rec.flow)
-
-    ckpt_root = storage.join(output, "checkpoints")
     start = 0
-    if (ck := checkpoint.load_latest(ckpt_root)) is not None:
-        model.load_state_dict(ck.tensors["model"])
-        ema.shadow = {k: v.clone().float() for k, v in ck.tensors["ema"].items()}
-        if "llm" in ck.tensors:
-            encoder.llm.load_state_dict(ck.tensors["llm"], strict=False)
-        opt.load_state_dict(ck.objects["optimizer"])
-        sched.load_state_dict(ck.objects["scheduler"])
-        start = ck.step
+    if resume is not None:
+        distributed.load_optimizer_state(model, opt, resume.objects["optimizer"], d)
+        sched.load_state_dict(resume.objects["scheduler"])
+        start = resume.step
         log.info("resuming stage '%s' from step %d", st.name, start)
+    flow = RectifiedFlow(rec.flow)
+    logs = _Logs(Path(output) if not storage.is_s3(output) else Path(".fusedit-logs") / st.name, start, d.main)
+    uncond = features.uncond.to(d.device) if cached_text else None
 
-    logs = Path(output) if not storage.is_s3(output) else Path(".fusedit-logs") / st.name
-    logs.mkdir(parents=True, exist_ok=True)
-    loss_rows = _resume_rows(logs / "loss.tsv", start)
+    def weights() -> dict[str, dict[str, torch.Tensor]]:
+        full = distributed.full_state(model, d)
+        out = {"model": _dit_part(full, "dit.")}
+        if llm_params:
+            out["llm"] = _dit_part(full, "encoder.llm.")
+        return out
 
     def save(step: int) -> None:
-        tensors = {"model": model.state_dict(), "ema": ema.shadow}
-        if llm_params:
-            tensors["llm"] = {k: v for k, v in encoder.llm.state_dict().items()}
-        checkpoint.save(ckpt_root, step, tensors, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                        {"stage": st.name, "recipe": rec.name, "seed": tp.seed, "world": world}, st.keep_last)
-        _write_rows(logs / "loss.tsv", loss_rows)
+        tensors = {**weights(), "ema": ema.shadow}
+        opt_state = distributed.optimizer_state(model, opt, d)
+        if d.main:
+            checkpoint.save(ckpt_root, step, tensors, {"optimizer": opt_state, "scheduler": sched.state_dict()},
+                            {"stage": st.name, "recipe": rec.name, "seed": seed, "world": d.world}, st.keep_last)
+            logs.flush()
+        distributed.barrier(d)
 
     from tqdm import tqdm
 
-    uncond = features.uncond.to(dev) if features.uncond is not None and not train_llm else None
-    empty = None if uncond is not None else ""
+    sampler = _Sampler(rec, st, logs.root) if d.main else None
     t0, seen, loss_val = time.perf_counter(), 0, float("nan")
     model.train()
     it = features.batches(start)
-    bar = tqdm(range(start, st.steps), initial=start, total=st.steps, desc=st.name, disable=rank != 0)
+    lo, hi = d.rank * local_batch, (d.rank + 1) * local_batch
+    bar = tqdm(range(start, st.steps), initial=start, total=st.steps, desc=st.name, disable=not d.main)
     with _SigtermFlag() as sigterm:
         for step in bar:
             batch = next(it)
-            g = step_generator(tp.seed, step, rank)
-            n = batch.mean.shape[0]
-            drop = torch.rand(n, generator=g) < rec.flow.caption_dropout
-            sigmas = flow.sample_sigmas(n, g)
-            post = torch.randn(batch.mean.shape, generator=g)
-            noise = torch.randn(batch.mean.shape, generator=g)
+            g = step_generator(seed, step)
+            shape = (st.batch_size, *batch.mean.shape[1:])
+            drop = (torch.rand(st.batch_size, generator=g) < rec.flow.caption_dropout)[lo:hi]
+            sigmas = flow.sample_sigmas(st.batch_size, g)[lo:hi]
+            post = torch.randn(shape, generator=g)[lo:hi]
+            noise = torch.randn(shape, generator=g)[lo:hi]
             sample = batch.mean if batch.logvar is None else batch.mean + (0.5 * batch.logvar).exp() * post
-            x0 = ((sample - features.latent_shift) * features.latent_scale).to(dev)
-            if batch.text is not None and empty is None:
-                text = batch.text.to(dev).where(drop.to(dev), uncond)
+            x0 = ((sample - features.latent_shift) * features.latent_scale).to(d.device)
+            if cached_text:
+                text = batch.text.to(d.device).where(drop.to(d.device), uncond)
             else:
-                captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions, strict=True)]
-                with torch.set_grad_enabled(train_llm):
-                    text = encoder.encode(captions)
-            with _precision(st, dev):
-                loss = flow.loss(model, x0, text, sigmas.to(dev), noise.to(dev))
+                text = ["" if dr else c for dr, c in zip(drop.tolist(), batch.captions, strict=True)]
+            with _precision(st, d.device):
+                loss = flow.loss(model, x0, text, sigmas.to(d.device), noise.to(d.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for gr in groups for p in gr["params"]], st.grad_clip)
             opt.step()
             sched.step()
             if (step + 1) % st.ema_every == 0:
-                ema.update(model)
-            loss_val, seen = float(loss), seen + n
-            ips = seen * world / (time.perf_counter() - t0)
-            loss_rows.append((step + 1, loss_val, sched.get_last_lr()[0], ips))
-            if rank == 0 and (step + 1) % st.log_every == 0:
+                ema.update(weights()["model"])
+            loss_val, seen = distributed.mean(loss, d), seen + local_batch
+            ips = seen * d.world / (time.perf_counter() - t0)
+            logs.step(step + 1, loss_val, sched.get_last_lr()[0], ips)
+            if d.main and (step + 1) % st.log_every == 0:
                 bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{ips:.1f}")
             if not math.isfinite(loss_val):
                 raise RuntimeError(f"stage '{st.name}': loss is {loss_val} at step {step + 1}")
+            if sampler and st.sample_every and (step + 1) % st.sample_every == 0 and step + 1 < st.steps:
+                sampler.grid(ema.shadow, step + 1, logs)
             if (step + 1) % st.save_every == 0 or step + 1 == st.steps or sigterm.set:
                 save(step + 1)
             if sigterm.set and step + 1 < st.steps:
                 raise Preempted(f"stage '{st.name}': SIGTERM, checkpoint committed at step {step + 1}")
-    result = TrainResult(output, st.name, start, st.steps, loss_val, seen * world / max(time.perf_counter() - t0, 1e-9),
-                         sum(p.numel() for p in model.parameters()), sum(p.numel() for p in llm_params))
-    if rank == 0:
-        _export(rec, model, ema, encoder if llm_params else None, output, st)
-        (logs / "metrics.json").write_text(json.dumps(asdict(result), indent=2))
+    result = TrainResult(output, st.name, start, st.steps, loss_val,
+                         seen * d.world / max(time.perf_counter() - t0, 1e-9),
+                         sum(p.numel() for p in dit.parameters()), sum(p.numel() for p in llm_params), d.world)
+    final = weights()
+    if d.main:
+        sampler.export(ema.shadow, final.get("llm"), output, st.steps, logs)
+        (logs.root / "metrics.json").write_text(json.dumps(asdict(result), indent=2))
+        logs.close()
+    distributed.barrier(d)
     return result
+
+
+class _Sampler:
+    """The EMA weights in a full pipeline: sample grids of the fixed prompts, and the final export."""
+
+    def __init__(self, rec: Recipe, st: Stage, root: Path):
+        self.rec, self.st, self.root, self.pipe = rec, st, root, None
+
+    def _pipeline(self, ema: dict[str, torch.Tensor], llm: dict | None):
+        from fusedit.model.pipeline import FuseDiTPipeline
+
+        if self.pipe is None:
+            self.pipe = FuseDiTPipeline.from_recipe(self.rec)
+        self.pipe.transformer.load_state_dict({k: v.to(self.pipe.transformer.dtype) for k, v in ema.items()})
+        if llm is not None:
+            self.pipe.text_encoder.load_state_dict(llm, strict=False)
+        self.pipe.transformer.eval()
+        return self.pipe
+
+    def grid(self, ema: dict[str, torch.Tensor], step: int, logs: _Logs, llm: dict | None = None) -> Path:
+        pipe = self._pipeline(ema, llm)
+        images = pipe(self.st.sample_prompts, num_inference_steps=self.rec.flow.sample_steps,
+                      guidance_scale=self.rec.flow.guidance, generator=torch.Generator().manual_seed(0)).images
+        grid = _grid(images)
+        path = self.root / "samples" / f"step-{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        logs.tb.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        return path
+
+    def export(self, ema: dict[str, torch.Tensor], llm: dict | None, output: str, step: int, logs: _Logs) -> None:
+        """The EMA weights as a diffusers-style pipeline, plus the final sample grid."""
+        grid = self.grid(ema, step, logs, llm)
+        local = output if not storage.is_s3(output) else str(self.root / "export")
+        self.pipe.save_pretrained(os.path.join(local, "pipeline"))
+        shutil.copyfile(grid, os.path.join(local, "samples.png"))
+        if storage.is_s3(output):
+            storage.publish(local, output)
 
 
 def _resume_rows(path: Path, start: int) -> list[tuple]:
@@ -248,26 +358,6 @@ def _write_rows(path: Path, rows: list[tuple]) -> None:
     tmp.write_text("step\tloss\tlr\timages_per_s\n" + "".join(f"{s}\t{lo:.6f}\t{lr:.3g}\t{ips:.2f}\n"
                                                          for s, lo, lr, ips in rows))
     os.replace(tmp, path)
-
-
-def _export(rec: Recipe, model, ema: EMA, encoder: TextEncoder | None, output: str, st: Stage) -> None:
-    """The EMA weights as a diffusers-style pipeline, plus a sample grid of the fixed prompts."""
-    from fusedit.model.pipeline import FuseDiTPipeline
-
-    cfg = dict(model.config)
-    ema_model = FuseDiTTransformer(cfg["arch"], cfg["text"], sample_size=cfg["sample_size"])
-    ema_model.load_state_dict({k: v.to(ema_model.dtype) for k, v in ema.shadow.items()})
-    pipe = FuseDiTPipeline.from_recipe(rec, transformer=ema_model.eval())
-    if encoder is not None:
-        pipe.text_encoder.load_state_dict(encoder.llm.state_dict())
-    local = output if not storage.is_s3(output) else str(Path(".fusedit-logs") / st.name / "export")
-    pipe.save_pretrained(os.path.join(local, "pipeline"))
-    images = pipe(st.sample_prompts, num_inference_steps=rec.flow.sample_steps, guidance_scale=rec.flow.guidance,
-                  generator=torch.Generator().manual_seed(0)).images
-    grid = _grid(images)
-    grid.save(os.path.join(local, "samples.png"))
-    if storage.is_s3(output):
-        storage.publish(local, output)
 
 
 def _grid(images):

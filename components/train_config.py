@@ -34,6 +34,7 @@ class Stage(BaseModel):
     sample_every: int = Field(0, ge=0)  # 0: only at the end
     sample_prompts: list[str] = ["two red circles to the left of a blue square", "a green triangle"]
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # several ranks (torchrun): auto = DDP
 
     @model_validator(mode="after")
     def _check(self) -> Stage:

@@ -1,0 +1,118 @@
+"""Multi-process training on torch.distributed: torchrun launches, DDP or FSDP2 (`fully_shard`) wraps.
+
+One `Dist` describes this process; the helpers here hide the few places where the strategies differ
+(wrapping, full state dicts for checkpoints, reductions for logging). Nothing here is home-made
+communication: it is torch.distributed's process group, DDP and FSDP2.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+Strategy = Literal["auto", "ddp", "fsdp"]
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    strategy: str  # "single", "ddp" or "fsdp"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str | None, strategy: Strategy = "auto") -> Dist:
+    """Read torchrun's environment; start the process group when there are several ranks."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world == 1:
+        return Dist(0, 1, dev, "single")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, dev, "ddp" if strategy == "auto" else strategy)
+
+
+def wrap(model: nn.Module, d: Dist, shard_units: list[nn.Module]) -> nn.Module:
+    """DDP replicates; FSDP2 shards each unit (DiT block, trainable LLM layer), then the root."""
+    if d.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if d.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in shard_units:
+            fully_shard(unit)
+        fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def full_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU, on every rank (a collective under FSDP)."""
+    if d.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach() for k, v in unwrap(model).state_dict().items()}
+
+
+def load_full_state(model: nn.Module, sd: dict[str, torch.Tensor], d: Dist) -> None:
+    if d.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        unwrap(model).load_state_dict(sd, strict=False)
+
+
+def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, d: Dist) -> dict:
+    if d.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    return opt.state_dict()
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict, d: Dist) -> None:
+    if d.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def mean(value: torch.Tensor, d: Dist) -> float:
+    """A scalar averaged over ranks (for logging the global loss)."""
+    if d.world == 1:
+        return float(value)
+    t = value.detach().float().reshape(1).to(d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return float(t) / d.world
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def teardown(d: Dist) -> None:
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
