@@ -45,14 +45,14 @@ def prompts(per_category: int, seed: int, size: int, categories=J.CATEGORIES) ->
     return [held_out(c, i, seed, size) for c in categories for i in range(per_category)]
 
 
-def score(verdicts: list[tuple[dict[str, Any], bool]]) -> dict[str, float]:
+def score_verdicts(verdicts: list[tuple[dict[str, Any], bool]]) -> dict[str, float]:
     """GenEval-style: per-category accuracy over images, overall = mean over categories."""
     by: dict[str, list[bool]] = {}
     for spec, ok in verdicts:
         by.setdefault(spec["category"], []).append(ok)
-    out = {f"synthetic/{c}": sum(v) / len(v) for c, v in by.items()}
+    out = {c: sum(v) / len(v) for c, v in by.items()}
     if by:
-        out["synthetic/overall"] = sum(out[f"synthetic/{c}"] for c in by) / len(by)
+        out["overall"] = sum(out.values()) / len(by)
     return out
 
 
@@ -61,3 +61,56 @@ def write_prompts(path: Path, specs: list[dict[str, Any]]) -> None:
     with open(path, "w") as f:
         for s in specs:
             f.write(json.dumps({k: v for k, v in s.items() if k != "scene"}) + "\n")
+
+
+def _specs(ctx) -> list[dict[str, Any]]:
+    specs = prompts(ctx.cfg.synthetic_per_category, ctx.cfg.synthetic_seed, ctx.sampler.size)
+    return specs
+
+
+def _paths(ctx, specs) -> list[list[Path]]:
+    out, n = ctx.samples("synthetic"), ctx.cfg.images_per_prompt
+    counters: dict[str, int] = {}
+    paths = []
+    for s in specs:
+        i = counters[s["category"]] = counters.get(s["category"], -1) + 1
+        paths.append([out / s["category"] / f"{i:03d}_{k}.png" for k in range(n)])
+    return paths
+
+
+def prepare(ctx):
+    from fusedit.components.evals.sampling import Job, save_png
+
+    specs = _specs(ctx)
+    if ctx.main:
+        write_prompts(ctx.samples("synthetic") / "prompts.jsonl", specs)
+    return [Job(s["prompt"], ctx.cfg.seed, len(ps), ps,
+                lambda imgs, ps=ps: [save_png(i, p) for i, p in zip(imgs, ps, strict=True)])
+            for s, ps in zip(specs, _paths(ctx, specs), strict=True)]
+
+
+def score(ctx):
+    from fusedit.components.evals.base import SuiteResult
+    from PIL import Image
+
+    specs = _specs(ctx)
+    verdicts, rows = [], []
+    for s, ps in zip(specs, _paths(ctx, specs), strict=True):
+        for p in ps:
+            with Image.open(p) as im:
+                v = J.judge(im, s)
+            verdicts.append((s, v.correct))
+            rows.append({"image": str(p.relative_to(ctx.root)), "category": s["category"], "prompt": s["prompt"],
+                         "correct": v.correct, "reason": v.reason,
+                         "detections": [{"color": d.color, "shapes": list(d.shapes), "iou": d.iou,
+                                         "center": [round(c, 3) for c in d.center]} for d in v.detections]})
+    with open(ctx.samples("synthetic") / "judgements.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    m = score_verdicts(verdicts)
+    grids: dict[str, list[Path]] = {}
+    for s, ps in zip(specs, _paths(ctx, specs), strict=True):
+        grids.setdefault(f"synthetic: {s['category']}", []).extend(ps[:2])
+    return SuiteResult(dict(m, images=len(verdicts)), bars={k: v for k, v in m.items() if k != "overall"},
+                       grids={k: v[:8] for k, v in grids.items()},
+                       notes=["judge: palette segmentation + connected components + shape templates "
+                              "(components/evals/judge.py); overall = mean over categories"])
