@@ -12,6 +12,7 @@ GROUPS = {
     "model": "fusedit.model.cli",
     "data": "fusedit.components.data_cli",
     "cache": "fusedit.components.cache_cli",
+    "eval": "fusedit.components.eval_cli",
 }
 # top-level commands: name -> (module, function)
 COMMANDS = {
