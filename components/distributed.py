@@ -30,7 +30,15 @@ class Dist:
 
 
 def setup(device: str | None, strategy: Strategy = "auto") -> Dist:
-    """Read torchrun's environment; start the process group when there are several ranks."""
+    """Read torchrun's environment; start the process group when there are several ranks.
+
+    `device="xla"` selects the torch-xla SPMD path (TPU, or XLA on the CPU): one process drives every
+    device of the mesh and the model is sharded by annotation (see components/xla.py).
+    """
+    if device == "xla":
+        from fusedit.components import xla
+
+        return Dist(0, 1, xla.device(), "spmd")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device is None:
@@ -57,7 +65,19 @@ def wrap(model: nn.Module, d: Dist, shard_units: list[nn.Module]) -> nn.Module:
         for unit in shard_units:
             fully_shard(unit)
         fully_shard(model)
+    if d.strategy == "spmd":
+        from fusedit.components import xla
+
+        xla.shard(model)
     return model
+
+
+def step_end(d: Dist) -> None:
+    """Cut the lazy graph after each optimizer step on XLA; nothing elsewhere."""
+    if d.strategy == "spmd":
+        from fusedit.components import xla
+
+        xla.mark_step()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -70,7 +90,7 @@ def full_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach() for k, v in unwrap(model).state_dict().items()}
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
 def load_full_state(model: nn.Module, sd: dict[str, torch.Tensor], d: Dist) -> None:

@@ -190,7 +190,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     from fusedit.components.features import open_features
 
     features = open_features(rec, data, batch_size=local_batch, seed=seed, rank=d.rank, world=d.world,
-                             device=str(d.device))
+                             device=str(d.device) if d.strategy != "spmd" else "cpu")
     cached_text = features.uncond is not None and not train_llm
     if train_llm and features.uncond is not None:
         log.warning("stage '%s' trains the LLM: cached text features cannot be used, computing them online",
@@ -221,7 +221,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     groups = [{"params": list(core.dit.parameters()), "lr": st.lr}]
     if llm_params:
         groups.append({"params": [p for p in core.encoder.llm.parameters() if p.requires_grad], "lr": st.llm_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=st.weight_decay, fused=d.device.type == "cuda")
+    opt = torch.optim.AdamW(groups, weight_decay=st.weight_decay, fused=d.device.type == "cuda" or None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / st.warmup_steps) if st.warmup_steps else 1.0)
     start = 0
@@ -280,6 +280,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
             torch.nn.utils.clip_grad_norm_([p for gr in groups for p in gr["params"]], st.grad_clip)
             opt.step()
             sched.step()
+            distributed.step_end(d)
             if (step + 1) % st.ema_every == 0:
                 ema.update(weights()["model"])
             loss_val, seen = distributed.mean(loss, d), seen + local_batch
