@@ -33,7 +33,7 @@ class JudgeConfig:
     min_chroma: float = 50.0  # max - min channel; the backgrounds are near-grey
     min_area_frac: float = 0.002  # of the image; at 32 px that is 2 pixels
     min_iou: float = 0.5  # a component that fits no shape this well is not an object
-    min_ring_neutral: float = 0.5  # share of the pixels around a component that must be background
+    min_ring_neutral: float = 0.65  # share of the pixels around a component that must be background
     shape_margin: float = 0.08  # shapes within this IoU of the best one are all accepted
     position_margin: float = 0.02  # of the image side, between the two centres along the axis
 

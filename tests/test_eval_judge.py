@@ -1,0 +1,63 @@
+"""The synthetic judge: exact on ground truth drawn by the generator, near chance on pure noise."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fusedit.components import scenes
+from fusedit.components.evals import judge as J
+from fusedit.components.evals import synthetic as S
+from PIL import Image
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_ground_truth_scores_at_least_099(size):
+    specs = S.prompts(20, seed=7, size=size)
+    verdicts = [(s, J.judge(scenes.draw_scene(s["scene"]), s).correct) for s in specs]
+    m = S.score_verdicts(verdicts)
+    assert set(m) == {*J.CATEGORIES, "overall"}
+    assert m["overall"] >= 0.99, m
+
+
+def test_pure_noise_is_near_chance():
+    rng = np.random.default_rng(0)
+    specs = S.prompts(20, seed=7, size=32)
+    uniform = [(s, J.judge(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), s).correct)
+               for s in specs]
+    gauss = [(s, J.judge(Image.fromarray(np.clip(rng.normal(128, 60, (32, 32, 3)), 0, 255).astype(np.uint8)),
+                         s).correct) for s in specs]
+    assert S.score_verdicts(uniform)["overall"] <= 0.15
+    assert S.score_verdicts(gauss)["overall"] <= 0.15
+    blank = Image.new("RGB", (32, 32), (210, 210, 210))
+    assert not any(J.judge(blank, s).correct for s in specs)
+
+
+def test_checks_follow_geneval_rules():
+    spec = S.held_out("position", 0, 7, 64)
+    img = scenes.draw_scene(spec["scene"])
+    assert J.judge(img, spec).correct
+    swapped = dict(spec, relation={"to the left of": "to the right of", "to the right of": "to the left of",
+                                   "above": "below", "below": "above"}[spec["relation"]])
+    assert not J.judge(img, swapped).correct  # the same image contradicts the opposite relation
+    count = S.held_out("counting", 0, 7, 64)
+    wrong = dict(count, groups=[dict(count["groups"][0], count=count["groups"][0]["count"] + 1)])
+    assert J.judge(scenes.draw_scene(count["scene"]), count).correct
+    assert not J.judge(scenes.draw_scene(count["scene"]), wrong).correct
+    colors = S.held_out("colors", 0, 7, 64)
+    other = next(c for c in scenes.COLORS if c != colors["groups"][0]["color"])
+    recoloured = dict(colors, groups=[dict(colors["groups"][0], color=other)])
+    assert not J.judge(scenes.draw_scene(colors["scene"]), recoloured).correct
+
+
+def test_held_out_prompts_are_deterministic_and_in_the_grammar():
+    a, b = S.prompts(3, seed=0, size=32), S.prompts(3, seed=0, size=32)
+    assert [x["prompt"] for x in a] == [x["prompt"] for x in b]
+    assert all(x["prompt"].endswith("on a light gray background") for x in a)
+    assert [x["prompt"] for x in S.prompts(3, seed=1, size=32)] != [x["prompt"] for x in a]
+
+
+def test_label_is_four_connected():
+    m = np.zeros((5, 5), bool)
+    m[0, 0] = m[1, 1] = True  # diagonal neighbours: two components
+    m[3, 2:5] = True
+    _, n = J.label(m)
+    assert n == 3
