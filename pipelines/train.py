@@ -1,0 +1,108 @@
+"""KFP v2 training: one GPU task per stage of a params file, each stage initialised from its upstream's output.
+
+The body is `fusedit.components.train.train`, the function behind `fusedit train` and the DVC stages.
+Training resumes from its last committed checkpoint, so retries are safe: a preempted pod saves on
+SIGTERM and exits 75, and the retry continues where it stopped. Caching is off for training tasks,
+because a cache hit would skip that resume.
+The stage list is read when the pipeline is compiled (`train_pipeline(params)`); the data, outputs,
+GPU count, node selector and tolerations are run parameters.
+"""
+
+from pathlib import Path
+
+import yaml
+from fusedit.components.train_config import load_train_params
+from fusedit.pipelines.image import IMAGE
+from kfp import compiler, dsl, kubernetes
+from kfp.dsl import Input, Metrics, Model, Output
+
+GPU = "nvidia.com/gpu"
+NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # label of the NVIDIA GPU operator
+TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_op(model: Output[Model], metrics: Output[Metrics], recipe: str, stage: str, data: str, params: str,
+             output_root: str = "", init: Input[Model] = None, overrides: list = [],  # noqa: B006
+             device: str = ""):
+    """Train (or resume) `stage`; its output is <output_root>/<stage>, or the Model artifact's own location.
+
+    params: the params YAML text or a path to it. init: the upstream stage's Model; its location becomes
+    this stage's init_from. A SIGTERM-save ends the task with exit status 75 so that KFP retries it.
+    """
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+    from fusedit.components import storage
+    from fusedit.components.train import PREEMPTED_EXIT, Preempted, train
+
+    def location(a) -> str:
+        return a.metadata.get("output") or (a.uri if a.uri.startswith("s3://") else a.path)
+
+    target = storage.join(output_root, stage) if output_root else location(model)
+    doc = yaml.safe_load(Path(params).read_text() if "\n" not in params and os.path.isfile(params) else params)
+    if init is not None:
+        for s in doc["train"]["stages"]:
+            if s["name"] == stage:
+                s["init_from"] = location(init)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(doc, f)
+    try:
+        r = train(recipe, stage, data, target, f.name, list(overrides), device or None)
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
+    finally:
+        os.unlink(f.name)
+    model.metadata.update({"output": target, "pipeline": storage.join(target, "pipeline"), "stage": stage,
+                           "recipe": recipe, "steps": r.steps})
+    if output_root:
+        model.uri = target
+    metrics.log_metric("final_loss", r.final_loss)
+    metrics.log_metric("images_per_s", r.images_per_s)
+    metrics.log_metric("steps", r.steps)
+
+
+def on_gpu_pool(task: dsl.PipelineTask, gpus, node_selector, tolerations, retries: int,
+                backoff: str) -> dsl.PipelineTask:
+    """GPU request, node placement, retries with backoff, no caching, and a RAM-backed /dev/shm."""
+    task.set_accelerator_type(GPU).set_accelerator_limit(gpus)
+    task.set_retry(retries, backoff_duration=backoff, backoff_factor=2.0)
+    task.set_caching_options(False)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    return task
+
+
+def train_pipeline(params: str = "params.yaml", retries: int = 3, backoff: str = "60s"):
+    """The pipeline for the stages declared in `params` (each stage after the one it is initialised from)."""
+    stages = load_train_params(params).stages
+    text = yaml.safe_dump({"train": yaml.safe_load(Path(params).read_text())["train"]}, sort_keys=False)
+
+    @dsl.pipeline(name="fusedit-train", description="Training stages of a params file, each on the GPU pool")
+    def pipeline(data_uri: str, output_root: str = "", recipe: str = "tiny", overrides: list = [],  # noqa: B006
+                 gpus: int = 1, node_selector: dict = NODE_SELECTOR, tolerations: list = TOLERATIONS,  # noqa: B006
+                 device: str = ""):
+        tasks: dict[str, dsl.PipelineTask] = {}
+        for st in stages:
+            upstream = tasks.get(st.init_from or "")
+            init = {"init": upstream.outputs["model"]} if upstream else {}
+            task = train_op(recipe=recipe, stage=st.name, data=data_uri, params=text, output_root=output_root,
+                            overrides=overrides, device=device, **init)
+            tasks[st.name] = on_gpu_pool(task.set_display_name(f"train-{st.name}"), gpus, node_selector,
+                                         tolerations, retries, backoff)
+
+    return pipeline
+
+
+def compile_pipeline(out_dir: str, params: str = "params.yaml") -> str:
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "train_pipeline.yaml")
+    compiler.Compiler().compile(train_pipeline(params), path)
+    return path

@@ -1,0 +1,89 @@
+"""The KFP training pipeline: GPU pool placement and retries in the IR, and a real two-stage run with kfp.local."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from fusedit.components.filter import filter_shards
+from fusedit.components.filter_config import FilterConfig, QualityThresholds
+from fusedit.components.synth import synth
+from fusedit.pipelines.train import GPU, compile_pipeline, train_op, train_pipeline
+
+
+def _params(tmp_path: Path) -> Path:
+    common = {"batch_size": 2, "save_every": 2, "ema_every": 1, "log_every": 1, "sample_prompts": ["a red square"]}
+    stages = [{"name": "base", "steps": 3, **common},
+              {"name": "joint", "steps": 2, "trains": "dit+llm", "llm_lr": 1e-3, "init_from": "base", **common}]
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"data": {"unrelated": 1}, "train": {"seed": 3, "stages": stages}}))
+    return p
+
+
+def _by_stage(spec: dict) -> dict[str, dict]:
+    return {t["taskInfo"]["name"]: t for t in spec["root"]["dag"]["tasks"].values()}
+
+
+def test_compiled_pipeline_places_each_stage_on_the_gpu_pool(tmp_path):
+    docs = list(yaml.safe_load_all(open(compile_pipeline(str(tmp_path), str(_params(tmp_path))))))
+    spec, platform = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    tasks = _by_stage(spec)
+    assert set(tasks) == {"train-base", "train-joint"}
+    joint = tasks["train-joint"]
+    assert joint["dependentTasks"] == [tasks["train-base"]["componentRef"]["name"].replace("comp-", "")]
+    assert joint["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["outputArtifactKey"] == "model"
+    assert "init" not in tasks["train-base"]["inputs"].get("artifacts", {})
+    assert "unrelated" not in tasks["train-base"]["inputs"]["parameters"]["params"]["runtimeValue"]["constant"]
+    for task in tasks.values():
+        assert task["retryPolicy"]["maxRetryCount"] == 3 and task["retryPolicy"]["backoffDuration"] == "60s"
+        assert not task["cachingOptions"].get("enableCaching", False)
+    executors = spec["deploymentSpec"]["executors"]
+    assert len(executors) == 2 and set(platform) == set(executors)
+    for name, ex in executors.items():
+        acc = ex["container"]["resources"]["accelerator"]
+        assert acc["resourceType"] == GPU and "pipelinechannel--gpus" in acc["resourceCount"]
+        k8s = platform[name]
+        assert k8s["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "node_selector"
+        assert k8s["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "tolerations"
+        assert {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory"} in k8s["emptyDirMounts"]
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["tolerations"]["defaultValue"][0]["key"] == GPU and inputs["gpus"]["defaultValue"] == 1
+
+
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kfp-train-data")
+    synth(str(root / "synth"), samples=16, seed=1, shard_size=8, bad_fraction=0.0, short_side=(32, 48))
+    filter_shards(FilterConfig(input=str(root / "synth"), output=str(root / "filtered"), min_side=16, workers=1,
+                               dedupe_near=False, quality=QualityThresholds(max_duplicate_rate=1.0)))
+    return root / "filtered"
+
+
+def test_two_stages_run_with_kfp_local(tmp_path, tiny_dir, filtered):
+    from kfp import local
+
+    sets = [f"model.llm={tiny_dir / 'gemma'}", "model.resolution=16", "model.max_prompt_length=16",
+            "flow.sample_steps=2"]
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    train_pipeline(str(_params(tmp_path)))(data_uri=str(filtered), recipe="tiny", overrides=sets, device="cpu")
+    outputs = {p.parents[2].name: p.parents[1] for p in (tmp_path / "root").rglob("pipeline/model_index.json")}
+    assert set(outputs) == {"train-op", "train-op-2"}, outputs
+    base, joint = outputs["train-op"], outputs["train-op-2"]
+    metrics = json.loads((joint / "metrics.json").read_text())
+    assert metrics["stage"] == "joint" and metrics["start_step"] == 0 and metrics["llm_trainable_params"] > 0
+    assert (base / "checkpoints").is_dir() and (joint / "samples.png").is_file()
+
+
+def test_preempted_stage_exits_75_so_kfp_retries(tmp_path, monkeypatch):
+    from fusedit.components import train as train_mod
+    from kfp.dsl import Metrics, Model
+
+    def preempted(*args, **kwargs):
+        raise train_mod.Preempted("SIGTERM, checkpoint committed at step 2")
+
+    monkeypatch.setattr(train_mod, "train", preempted)
+    with pytest.raises(SystemExit) as exit_:
+        train_op.python_func(model=Model(uri=str(tmp_path / "m")), metrics=Metrics(uri=str(tmp_path / "x")),
+                             recipe="tiny", stage="base", data="unused", params=str(_params(tmp_path)))
+    assert exit_.value.code == train_mod.PREEMPTED_EXIT == 75
