@@ -194,6 +194,12 @@ def _prompts(ctx: SuiteContext) -> list[tuple[str, str]]:
 
 
 def prepare(ctx: SuiteContext) -> list[Job]:
+    cfg = ctx.cfg
+    if cfg.fid_features not in EXTRACTORS:
+        raise UserError(f"--fid-features {cfg.fid_features!r}: unknown (one of {', '.join(EXTRACTORS)})")
+    if cfg.fid_features != "random" and not (cfg.fid_weights and Path(cfg.fid_weights).is_file()):
+        raise UserError(f"--fid-features {cfg.fid_features} needs --fid-weights: a local file (for inception, "
+                        "clean-fid's inception-2015-12-05.pt; nothing is downloaded at run time)")
     out = ctx.samples("fid")
     jobs = []
     for i, (name, prompt) in enumerate(_prompts(ctx)):

@@ -1,0 +1,92 @@
+"""`fusedit eval`: bad input is one clear line and exit 2; compare tabulates runs; the KFP component."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from fusedit.components.evaluate import EvalConfig, evaluate
+from fusedit.errors import UserError
+
+from tests.eval_helpers import export_tiny
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory, tiny_dir):
+    return export_tiny(tmp_path_factory.mktemp("pipe") / "pipeline", tiny_dir)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-c", "from fusedit.cli import main; main()", "eval", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_not_a_pipeline_is_one_line_exit_2(tmp_path):
+    r = _cli("run", "--pipeline", str(tmp_path), "--output", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == f"error: --pipeline {tmp_path}: not an exported pipeline " \
+        "(no model_index.json); pass e.g. data/train/joint/pipeline"
+
+
+def test_bad_prompt_sources_are_clear_errors(tmp_path, pipe_dir):
+    base = dict(pipeline=str(pipe_dir), output=str(tmp_path / "o"), steps=1, progress=False)
+    with pytest.raises(UserError, match="evaluation_metadata.jsonl: no such file"):
+        evaluate(EvalConfig(**base, suites=["geneval"], geneval_metadata=str(tmp_path / "evaluation_metadata.jsonl")))
+    bad = tmp_path / "meta.jsonl"
+    bad.write_text('{"prompt": "a cat", "tag": "single_object"}\n{"prompt": "a dog",\n')
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        evaluate(EvalConfig(**base, suites=["geneval"], geneval_metadata=str(bad)))
+    bad.write_text('{"tag": "single_object"}\n')
+    with pytest.raises(UserError, match="line 1 must be a JSON object with prompt"):
+        evaluate(EvalConfig(**base, suites=["geneval"], geneval_metadata=str(bad)))
+    with pytest.raises(UserError, match="suite dpg needs --dpg-prompts"):
+        evaluate(EvalConfig(**base, suites=["dpg"]))
+    with pytest.raises(UserError, match="unknown suite 'mjhq'"):
+        evaluate(EvalConfig(**base, suites=["mjhq"]))
+    with pytest.raises(UserError, match="needs --fid-weights"):
+        (tmp_path / "p.txt").write_text("a red circle\n")
+        evaluate(EvalConfig(**base, suites=["fid"], fid_real=str(tmp_path), fid_prompts=str(tmp_path / "p.txt")))
+
+
+def test_run_and_compare_through_the_cli(tmp_path, pipe_dir):
+    cfg = tmp_path / "params.yaml"
+    cfg.write_text(yaml.safe_dump({"eval": {"suites": ["synthetic"], "steps": 1, "images_per_prompt": 1,
+                                            "synthetic_per_category": 1}}))
+    for name, guidance in (("deep", "6.0"), ("shallow", "1.0")):
+        r = _cli("run", "--config", str(cfg), "--pipeline", str(pipe_dir), "--output", str(tmp_path / name),
+                 "--guidance", guidance, "--quiet")
+        assert r.returncode == 0, r.stderr
+        assert "synthetic: single_object=" in r.stdout
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["synthetic"]["images"] == 6
+    r = _cli("compare", str(tmp_path / "deep"), str(tmp_path / "shallow"), "--out", str(tmp_path / "cmp"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "| metric | deep | shallow |"
+    assert "| synthetic/overall |" in r.stdout
+    assert "<table" in (tmp_path / "cmp" / "compare.html").read_text()
+    r = _cli("compare", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "no metrics.json" in r.stderr
+
+
+def test_kfp_component_requests_a_gpu_and_runs_locally(tmp_path, pipe_dir):
+    from fusedit.pipelines.evaluate import GPU, compile_pipeline, evaluate_op
+    from kfp import dsl, local
+
+    spec = yaml.safe_load(open(compile_pipeline(str(tmp_path))))
+    resources = [e["container"].get("resources", {}) for e in spec["deploymentSpec"]["executors"].values()
+                 if "container" in e]
+    assert any(r.get("accelerator", {}).get("resourceType") == GPU for r in resources)
+
+    @dsl.pipeline
+    def run():
+        src = dsl.importer(artifact_uri=str(pipe_dir), artifact_class=dsl.Model)
+        evaluate_op(pipeline=src.output, config_yaml="steps: 1\nimages_per_prompt: 1\nsynthetic_per_category: 1\n")
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    run()
+    root = tmp_path / "root"
+    html = [p for p in root.rglob("report") if p.is_file()]
+    md = [p for p in root.rglob("summary") if p.is_file()]
+    assert html and "data:image/png;base64," in html[0].read_text()
+    assert md and "synthetic/overall" in md[0].read_text()
