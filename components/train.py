@@ -132,16 +132,20 @@ def _precision(stage: Stage, device: torch.device):
 class _Logs:
     """loss.tsv (for dvc plots), TensorBoard events and sample grids; rank 0 only."""
 
-    def __init__(self, root: Path, start: int, enabled: bool):
-        self.root, self.enabled = root, enabled
+    def __init__(self, output: str, stage: str, start: int, enabled: bool):
+        self.remote = output if storage.is_s3(output) else None
+        self.root = Path(".fusedit-logs") / stage if self.remote else Path(output)
+        self.enabled = enabled
         self.rows: list[tuple] = []
         self.tb = None
         if enabled:
-            root.mkdir(parents=True, exist_ok=True)
-            self.rows = _resume_rows(root / "loss.tsv", start)
+            self.root.mkdir(parents=True, exist_ok=True)
+            if self.remote and storage.exists(storage.join(self.remote, "loss.tsv")):  # resuming on a new pod
+                (self.root / "loss.tsv").write_bytes(storage.read_bytes(storage.join(self.remote, "loss.tsv")))
+            self.rows = _resume_rows(self.root / "loss.tsv", start)
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(root / "tensorboard"), purge_step=start + 1)
+            self.tb = SummaryWriter(str(self.root / "tensorboard"), purge_step=start + 1)
 
     def step(self, step: int, loss: float, lr: float, ips: float) -> None:
         if self.enabled:
@@ -154,6 +158,8 @@ class _Logs:
         if self.enabled:
             _write_rows(self.root / "loss.tsv", self.rows)
             self.tb.flush()
+            if self.remote:
+                storage.write_bytes(storage.join(self.remote, "loss.tsv"), (self.root / "loss.tsv").read_bytes())
 
     def close(self) -> None:
         if self.enabled:
@@ -231,7 +237,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
         start = resume.step
         log.info("resuming stage '%s' from step %d", st.name, start)
     flow = RectifiedFlow(rec.flow)
-    logs = _Logs(Path(output) if not storage.is_s3(output) else Path(".fusedit-logs") / st.name, start, d.main)
+    logs = _Logs(output, st.name, start, d.main)
     uncond = features.uncond.to(d.device) if cached_text else None
 
     def weights() -> dict[str, dict[str, torch.Tensor]]:
@@ -254,6 +260,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
 
     sampler = _Sampler(rec, st, logs.root) if d.main else None
     t0, seen, loss_val = time.perf_counter(), 0, float("nan")
+    t_step = t0
     model.train()
     it = features.batches(start)
     lo, hi = d.rank * local_batch, (d.rank + 1) * local_batch
@@ -284,10 +291,11 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
             if (step + 1) % st.ema_every == 0:
                 ema.update(weights()["model"])
             loss_val, seen = distributed.mean(loss, d), seen + local_batch
-            ips = seen * d.world / (time.perf_counter() - t0)
+            now = time.perf_counter()
+            ips, step_s, t_step = seen * d.world / (now - t0), now - t_step, now
             logs.step(step + 1, loss_val, sched.get_last_lr()[0], ips)
             if d.main and (step + 1) % st.log_every == 0:
-                bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{ips:.1f}")
+                bar.set_postfix(loss=f"{loss_val:.4f}", s_step=f"{step_s:.3f}", img_s=f"{ips:.1f}")
             if not math.isfinite(loss_val):
                 raise RuntimeError(f"stage '{st.name}': loss is {loss_val} at step {step + 1}")
             if sampler and st.sample_every and (step + 1) % st.sample_every == 0 and step + 1 < st.steps:
@@ -304,6 +312,8 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
         sampler.export(ema.shadow, final.get("llm"), output, st.steps, logs)
         (logs.root / "metrics.json").write_text(json.dumps(asdict(result), indent=2))
         logs.close()
+        if logs.remote:
+            storage.write_json(storage.join(output, "metrics.json"), asdict(result))
     distributed.barrier(d)
     return result
 

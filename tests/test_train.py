@@ -132,3 +132,31 @@ def test_bad_stage_configs_are_clear_errors(tmp_path):
     r = _run([FUSEDIT, "train", "--recipe", "tiny", "--stage", "b", "--data", "x", "--output", str(tmp_path / "o"),
               "--params", str(p)])
     assert r.returncode == 2 and "unknown stage 'b'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cache_with_another_fingerprint_is_refused(tmp_path, tiny_dir, filtered):
+    from fusedit.components.cache import build_cache
+
+    over = [f"model.llm={tiny_dir / 'gemma'}", "model.resolution=16", "model.max_prompt_length=16"]
+    build_cache(str(filtered / "shards"), str(tmp_path / "cache"), "tiny", over, progress=False)
+    params = _params(tmp_path, base_steps=2, save_every=2)
+    ok = _run(_cmd(tiny_dir, tmp_path / "cache", params, tmp_path / "ok" / "base"))
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    cmd = _cmd(tiny_dir, tmp_path / "cache", params, tmp_path / "bad" / "base")
+    cmd[cmd.index("model.max_prompt_length=16")] = "model.max_prompt_length=17"
+    bad = _run(cmd)
+    assert bad.returncode == 2 and "max_length" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_s3_stage_output(tmp_path, tiny_dir, filtered, s3_server):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="runs")
+    params = _params(tmp_path, base_steps=2, save_every=1, keep_last=1)
+    r = _run(_cmd(tiny_dir, filtered, params, "s3://runs/exp1/base"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+        Bucket="runs", Prefix="exp1/base/")["Contents"]}
+    assert "exp1/base/checkpoints/step-00000002/COMMITTED" in keys
+    assert not any(k.startswith("exp1/base/checkpoints/step-00000001/") for k in keys)  # pruned
+    assert {"exp1/base/loss.tsv", "exp1/base/metrics.json", "exp1/base/pipeline/model_index.json"} <= keys
