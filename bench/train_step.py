@@ -18,6 +18,7 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from functools import partial
 
@@ -205,6 +206,10 @@ def fit_batch(fn, dev: torch.device, batch: int, kind: str, label: dict):
             return batch, fn(batch)
         except torch.OutOfMemoryError:
             pass
+        except Exception as e:  # one broken configuration should not hide the others' figures
+            traceback.print_exc()
+            report(kind, **label, batch=batch, status="error", error=type(e).__name__)
+            return 0, None
         report(kind, **label, batch=batch, status="out_of_memory")
         reset_memory(dev)
         batch //= 2
