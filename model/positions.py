@@ -11,7 +11,7 @@ Rope = Callable[[torch.Tensor], torch.Tensor]  # rotates (B, heads, N, head_dim)
 def sincos_2d(dim: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """(N, dim) fixed 2D sin-cos embedding: half the channels encode the row, half the column."""
     def one_axis(pos: torch.Tensor, d: int) -> torch.Tensor:
-        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64, device=pos.device) / (d / 2))
         angles = pos.double()[:, None] * omega[None]
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 

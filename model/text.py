@@ -26,18 +26,22 @@ class TextContext:
     kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # per shared layer, (B, kv_heads, T, head_dim)
     states: torch.Tensor | None = None  # (B, T, llm_hidden)
     pooled: torch.Tensor | None = None  # (B, pooled_dim)
+    # known on the host when the batch is made: no padding anywhere, so attention needs no mask
+    # (and no device sync is spent finding that out)
+    all_valid: bool = False
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(dim=1)
 
-    def map(self, fn_seq, fn_batch=None) -> TextContext:
+    def map(self, fn_seq, fn_batch=None, keeps_valid: bool = False) -> TextContext:
         """Apply fn_seq to every (B, ..., T, ...) tensor (with its sequence dim) and fn_batch to pooled."""
         return TextContext(
             mask=fn_seq(self.mask, 1),
             kv=tuple((fn_seq(k, 2), fn_seq(v, 2)) for k, v in self.kv),
             states=None if self.states is None else fn_seq(self.states, 1),
             pooled=None if self.pooled is None or fn_batch is None else fn_batch(self.pooled),
+            all_valid=self.all_valid and keeps_valid,
         )
 
     def pad_to(self, length: int) -> TextContext:
@@ -49,18 +53,18 @@ class TextContext:
             shape[dim] = extra
             return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
-        return replace(self.map(pad), pooled=self.pooled)
+        return replace(self.map(pad, keeps_valid=length <= self.mask.shape[1]), pooled=self.pooled)
 
     def trim(self) -> TextContext:
         """Drop padding columns that no sample in the batch needs."""
         n = int(self.lengths.max())
-        return replace(self.map(lambda x, d: x.narrow(d, 0, n)), pooled=self.pooled)
+        return replace(self.map(lambda x, d: x.narrow(d, 0, n), keeps_valid=True), pooled=self.pooled)
 
     def to(self, *args, **kwargs) -> TextContext:
         def cast(x, dim=None):
             return x if x.dtype == torch.bool else x.to(*args, **kwargs)
 
-        return self.map(cast, cast)
+        return self.map(cast, cast, keeps_valid=True)
 
     @staticmethod
     def cat(items: list[TextContext]) -> TextContext:
@@ -76,6 +80,7 @@ class TextContext:
             ),
             states=None if first.states is None else torch.cat([t.states for t in items]),
             pooled=None if first.pooled is None else torch.cat([t.pooled for t in items]),
+            all_valid=all(t.all_valid for t in items),
         )
 
     def where(self, drop: torch.Tensor, other: TextContext) -> TextContext:
@@ -92,14 +97,15 @@ class TextContext:
             kv=tuple((pick(ka, kb), pick(va, vb)) for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)),
             states=None if a.states is None else pick(a.states, b.states),
             pooled=None if a.pooled is None else pick(a.pooled, b.pooled),
+            all_valid=a.all_valid and b.all_valid,
         )
 
     def select(self, index) -> TextContext:
-        return self.map(lambda x, d: x[index], lambda x: x[index])
+        return self.map(lambda x, d: x[index], lambda x: x[index], keeps_valid=True)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor view, for saving and for equality checks."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("kv",)}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("kv", "all_valid")}
         for i, (k, v) in enumerate(self.kv):
             out[f"k{i}"], out[f"v{i}"] = k, v
         return {k: v for k, v in out.items() if v is not None}
@@ -196,11 +202,10 @@ class TextEncoder(nn.Module):
         self.max_length = spec.max_length + n_instr
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded ids and mask (padded to the longest caption, truncated to max_length)."""
+        """Right-padded ids and mask (padded to the longest caption, truncated to max_length), on the host."""
         batch = self.tokenizer([self.spec.instruction + c for c in captions], padding="longest",
                                truncation=True, max_length=self.max_length, return_tensors="pt")
-        dev = self.llm.embed_tokens.weight.device
-        return batch.input_ids.to(dev), batch.attention_mask.to(dev).bool()
+        return batch.input_ids, batch.attention_mask.bool()
 
     @contextmanager
     def _record_kv(self):
@@ -219,10 +224,14 @@ class TextEncoder(nn.Module):
                 h.remove()
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, captions: list[str] | None = None) -> TextContext:
+        all_valid = bool(mask.all()) if mask.device.type == "cpu" else False
+        dev = self.llm.embed_tokens.weight.device
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
         pooled = self.pooled(captions) if self.pooled is not None else None
         if self.spec.kind == "hidden":
             out = self.llm(input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True)
-            return TextContext(mask=mask, states=out.hidden_states[self.spec.hidden_index], pooled=pooled)
+            return TextContext(mask=mask, states=out.hidden_states[self.spec.hidden_index], pooled=pooled,
+                               all_valid=all_valid)
         with self._record_kv() as store:
             self.llm(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
         cfg = self.llm.config
@@ -236,7 +245,7 @@ class TextEncoder(nn.Module):
                 cos, sin = self.llm.rotary_emb(k, pos)
                 k = k * cos[:, None] + torch.cat([-k[..., head_dim // 2:], k[..., : head_dim // 2]], -1) * sin[:, None]
             kv.append((k, v))
-        return TextContext(mask=mask, kv=tuple(kv), pooled=pooled)
+        return TextContext(mask=mask, kv=tuple(kv), pooled=pooled, all_valid=all_valid)
 
     def encode(self, captions: list[str]) -> TextContext:
         ids, mask = self.tokenize(captions)

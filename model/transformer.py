@@ -1,6 +1,7 @@
 """The denoiser: patchify -> conditioning -> DiT blocks over [text K/V ; image] -> unpatchify."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -49,7 +50,7 @@ class ContextEmbedder(nn.Module):
         self.norm, self.proj = RMSNorm(a.text_dim), nn.Linear(a.text_dim, a.hidden_size)
 
     def forward(self, text: TextContext) -> TextContext:
-        return TextContext(mask=text.mask, states=self.proj(self.norm(text.states)), pooled=text.pooled)
+        return replace(text, states=self.proj(self.norm(text.states)))
 
 
 class Masks(NamedTuple):
@@ -133,9 +134,8 @@ class FuseDiTTransformer(ModelMixin, ConfigMixin):
         tokens = tokens + cond.tokens
 
         feats = self.context(text)
-        pad = ~text.mask.all()
-        joint_mask = torch.cat([text.mask, text.mask.new_ones(x.shape[0], h * w)], 1)[:, None, None]
-        masks = Masks(joint_mask if pad else None, text.mask[:, None, None] if pad else None)
+        masks = Masks(None, None) if text.all_valid else Masks(
+            torch.cat([text.mask, text.mask.new_ones(x.shape[0], h * w)], 1)[:, None, None], text.mask[:, None, None])
         empty_k = tokens.new_zeros(x.shape[0], a.num_kv_heads, 0, a.head_dim)
         empty = TextKV(empty_k, empty_k, None)
         for source, block in zip(self.text_in, self.blocks, strict=True):

@@ -110,3 +110,20 @@ def test_flow_objective_matches_definition():
     s = flow.sample_sigmas(20000, torch.Generator().manual_seed(0))
     shifted_median = 3 * 0.5 / (1 + 2 * 0.5)  # logit-normal median 0.5 through the shift-3 map
     assert abs(float(s.median()) - shifted_median) < 0.02 and 0 < float(s.min()) and float(s.max()) <= 1
+
+
+@pytest.mark.parametrize("name", ["fusedit/baseline", "fusedit/1d-rope", "fusedit/large-scale", "fusedit/m-rope",
+                                  "baselinedit/cross-attention", "fusedit/adaln-single", "fusedit/addition"])
+def test_forward_keeps_every_tensor_on_the_input_device(name, tiny_dir):
+    """Run on the meta device: any tensor made on the CPU by default (a GPU-only bug) fails here."""
+    from fusedit.model.text import TextContext
+
+    _, dit, enc = build(name, tiny_dir)
+    ctx = enc.encode(CAPTIONS)
+    with torch.device("meta"):
+        meta = FuseDiTTransformer(dict(dit.config)["arch"], dict(dit.config)["text"])
+        text = TextContext(mask=ctx.mask.to("meta"), kv=tuple((k.to("meta"), v.to("meta")) for k, v in ctx.kv),
+                           states=None if ctx.states is None else ctx.states.to("meta"),
+                           pooled=None if ctx.pooled is None else ctx.pooled.to("meta"))
+        out = meta(torch.randn(3, 3, 8, 8), torch.full((3,), 10.0), text)
+    assert out.device.type == "meta" and out.shape == (3, 3, 8, 8)
