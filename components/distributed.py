@@ -107,7 +107,11 @@ def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, d: Dist) -> di
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
-    return opt.state_dict()
+    state = opt.state_dict()
+    if d.strategy == "spmd":  # XLA tensors would pickle as device tensors: checkpoints hold CPU ones
+        state["state"] = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                          for i, s in state["state"].items()}
+    return state
 
 
 def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict, d: Dist) -> None:
@@ -122,7 +126,7 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: di
 def mean(value: torch.Tensor, d: Dist) -> float:
     """A scalar averaged over ranks (for logging the global loss)."""
     if d.world == 1:
-        return float(value)
+        return float(value.detach())
     t = value.detach().float().reshape(1).to(d.device if d.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return float(t) / d.world
