@@ -17,6 +17,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Second venv for the torch-xla path (torch 2.9.1 + torch-xla 2.9.0); tests/test_train_xla.py uses it.
+XLA_VENV := .venv-xla
+XLA_STAMP := $(XLA_VENV)/.installed
+
+xla-venv: $(XLA_STAMP)
+
+$(XLA_STAMP): requirements-xla.txt pyproject.toml
+	test -x $(XLA_VENV)/bin/python || $(PY) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/pip install --quiet --upgrade pip
+	$(XLA_VENV)/bin/pip install --quiet -r requirements-xla.txt
+	$(XLA_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $(XLA_STAMP)
+
 sysdeps:
 	bash scripts/sysdeps.sh
 
