@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup sysdeps test lint demo bench clean
+.PHONY: setup xla-venv sysdeps test lint demo bench clean
 
 setup: $(STAMP)
 
@@ -36,15 +36,17 @@ sysdeps:
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup sysdeps lint
+test: setup xla-venv sysdeps lint
 	$(BIN)/pytest -q
 
 demo: setup
 	$(BIN)/dvc repro
 	@echo "data-quality report: data/filtered/report/index.html"
+	@echo "evaluation report:   data/eval/report/index.html   (metrics: dvc metrics show)"
+	@echo "exported pipelines:  data/train/base/pipeline, data/train/joint/pipeline (fusedit generate --pipeline ...)"
 
 bench: setup
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(XLA_VENV)

@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import torch
+
 from fusedit.components.cache import build_cache
 from fusedit.components.features import open_features, sample_x0
 from fusedit.components.frozen import load_text_encoder, pick_device
@@ -30,8 +31,9 @@ def make_llm(root: str, preset: str) -> str:
     if preset.startswith("tiny-"):
         tiny.build_llm(out, preset, vocab_size=len(tok))
     else:  # real shapes, random weights (bf16 on disk to halve the write), no download
-        from fusedit.model.presets import llm_config
         from transformers import AutoModel
+
+        from fusedit.model.presets import llm_config
 
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is slow on CPU
             model = AutoModel.from_config(llm_config(preset, vocab_size=len(tok)), dtype=torch.bfloat16)

@@ -15,9 +15,10 @@ import sys
 import tempfile
 import time
 
+from PIL import Image
+
 from fusedit.components.synth import synth
 from fusedit.components.tario import iter_samples
-from PIL import Image
 
 CHILD = """
 import json, resource, sys, time

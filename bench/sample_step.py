@@ -14,7 +14,6 @@ import argparse
 import time
 
 import torch
-from fusedit.model.flow import RectifiedFlow
 from train_step import (
     GPU_RECIPES,
     autocast,
@@ -33,6 +32,8 @@ from train_step import (
     sync,
     text_context,
 )
+
+from fusedit.model.flow import RectifiedFlow
 
 
 def time_sample(rec, arch, spec, dev, prompts: int, text_len: int, steps: int, guidance: float, repeats: int,

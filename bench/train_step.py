@@ -23,6 +23,7 @@ from dataclasses import replace
 from functools import partial
 
 import torch
+
 from fusedit.errors import UserError
 from fusedit.model.config import load_recipe, resolve
 from fusedit.model.flow import RectifiedFlow

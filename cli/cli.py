@@ -5,6 +5,7 @@ import sys
 from importlib import import_module
 
 import typer
+
 from fusedit.errors import UserError
 
 # sub-command group name -> module holding a `typer.Typer` called `app`

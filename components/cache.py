@@ -16,6 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from pydantic import BaseModel
+from safetensors.torch import save
+
 from fusedit.components import storage
 from fusedit.components.cache_format import (
     DTYPES,
@@ -36,8 +39,6 @@ from fusedit.components.tario import Sample, ShardError, TarSink, iter_samples
 from fusedit.errors import UserError
 from fusedit.model.config import Recipe
 from fusedit.model.text import llm_config_for, load_tokenizer
-from pydantic import BaseModel
-from safetensors.torch import save
 
 log = logging.getLogger(__name__)
 ESTIMATE_SAMPLES = 256
@@ -235,8 +236,9 @@ def build_cache(input: str, output: str, recipe: Recipe | str, overrides: list[s
                 device: str | None = None, caption: str = "synthetic_caption",
                 echo: Callable[[str], None] | None = None, progress: bool | None = None) -> BuildResult:
     """Build (or resume, or reuse) the feature cache of `input` for `recipe` into `output`."""
-    from fusedit.model.config import load_recipe
     from tqdm import tqdm
+
+    from fusedit.model.config import load_recipe
 
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     recipe = load_recipe(recipe, overrides) if isinstance(recipe, str) else as_recipe(recipe)

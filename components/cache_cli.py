@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import typer
+
 from fusedit.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, help="Frozen-LLM text features and VAE latents, computed once.")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from fusedit.errors import UserError
 from fusedit.model.config import Recipe, TextSpec, load_recipe, resolve
 from fusedit.model.text import TextContext, llm_config_for

@@ -18,9 +18,10 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
-from fusedit.components import storage
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from fusedit.components import storage
 
 log = logging.getLogger(__name__)
 MARKER = "COMMITTED"

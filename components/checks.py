@@ -12,9 +12,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image, ImageFile
+
 from fusedit.components.filter_config import FilterConfig
 from fusedit.components.tario import Sample
-from PIL import Image, ImageFile
 
 # Reasons, in the order checks run. Decode failures feed the decode-failure rate.
 DECODE_REASONS = ("missing_image", "empty_image", "decode_error", "decompression_bomb", "member_too_large")

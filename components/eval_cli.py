@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import typer
+
 from fusedit.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, help="Evaluate exported pipelines (GenEval, DPG, FID, CLIP, synthetic).")

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+
 from fusedit.components import storage
 from fusedit.components.evals import suite
 from fusedit.components.evals.base import SuiteContext, SuiteResult
 from fusedit.components.evals.sampling import Sampler, dist_env
 from fusedit.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field
 
 SAMPLING_KEYS = ("steps", "guidance", "seed", "resolution", "images_per_prompt", "synthetic_per_category",
                  "synthetic_seed", "limit", "dtype")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
 from fusedit.components import storage
 from fusedit.components.cache import caption_of, count_samples, input_shards, read_samples
 from fusedit.components.cache_format import (

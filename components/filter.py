@@ -20,13 +20,14 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
+from pydantic import BaseModel
+
 from fusedit.components import storage
 from fusedit.components.checks import DECODE_REASONS, REASONS, judge
 from fusedit.components.dedupe import mark_duplicates
 from fusedit.components.filter_config import FilterConfig
 from fusedit.components.tario import Sample, ShardError, TarSink, iter_samples
 from fusedit.errors import UserError
-from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -9,10 +9,11 @@ import io
 
 import numpy as np
 import torch
+from PIL import Image
+
 from fusedit.errors import UserError
 from fusedit.model.config import Recipe
 from fusedit.model.text import PooledTextEncoder, TextEncoder, load_llm, load_tokenizer
-from PIL import Image
 
 IMAGE_MEMBERS = ("image.jpg", "jpg", "jpeg", "png", "webp")
 

@@ -11,6 +11,7 @@ import bisect
 from functools import lru_cache
 
 import numpy as np
+
 from fusedit.errors import UserError
 
 

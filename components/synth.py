@@ -17,8 +17,9 @@ import time
 from collections import Counter
 from typing import Any
 
-from fusedit.components import scenes, storage
 from PIL import Image
+
+from fusedit.components import scenes, storage
 
 # defect -> reject reason the filter must give (None: the filter repairs it and keeps the sample)
 DEFECTS: dict[str, str | None] = {

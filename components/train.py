@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from fusedit.components import checkpoint, distributed, storage
 from fusedit.components.train_config import Stage, load_train_params
 from fusedit.errors import UserError
@@ -27,7 +29,6 @@ from fusedit.model.config import Recipe, load_recipe, resolve
 from fusedit.model.flow import RectifiedFlow
 from fusedit.model.text import TextContext, TextEncoder, llm_config_for, load_llm, load_tokenizer
 from fusedit.model.transformer import FuseDiTTransformer
-from torch import nn
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved on SIGTERM, rerun to resume

@@ -5,8 +5,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from fusedit.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fusedit.errors import UserError
 
 
 class Stage(BaseModel):

@@ -14,8 +14,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from fusedit.errors import UserError
 from torch import nn
+
+from fusedit.errors import UserError
 
 MESH_AXES = ("fsdp", "model")
 _state: dict = {}

@@ -4,11 +4,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import nn
+from torch.nn import functional as F
+
 from fusedit.model.conditioning import CONDITIONING
 from fusedit.model.layers import GeGLU, modulate, norm_or_identity
 from fusedit.model.positions import Rope
-from torch import nn
-from torch.nn import functional as F
 
 
 class TextKV(NamedTuple):

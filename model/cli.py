@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import typer
+
 from fusedit.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, help="Recipes, parameter counts and tiny local checkpoints.")
@@ -70,6 +71,7 @@ def generate(
 ) -> None:
     """Generate one image from an exported pipeline."""
     import torch
+
     from fusedit.model.pipeline import FuseDiTPipeline
 
     if not (pipeline / "model_index.json").is_file():

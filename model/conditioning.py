@@ -9,8 +9,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from fusedit.model.layers import RMSNorm, modulate
 from torch import nn
+
+from fusedit.model.layers import RMSNorm, modulate
 
 
 @dataclass

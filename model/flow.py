@@ -4,9 +4,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.nn import functional as F
+
 from fusedit.model.config import FlowConfig
 from fusedit.model.text import TextContext
-from torch.nn import functional as F
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, TextContext], torch.Tensor]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from PIL import Image
+
 from fusedit.model.config import FlowConfig, Recipe, resolve
 from fusedit.model.flow import RectifiedFlow, make_scheduler
 from fusedit.model.text import (
@@ -15,7 +17,6 @@ from fusedit.model.text import (
     load_tokenizer,
 )
 from fusedit.model.transformer import FuseDiTTransformer
-from PIL import Image
 
 
 class FuseDiTPipeline(DiffusionPipeline):

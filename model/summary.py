@@ -4,11 +4,12 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from torch import nn
+
 from fusedit.model.config import Recipe, resolve
 from fusedit.model.presets import CLIP_PRESETS
 from fusedit.model.text import build_llm_meta, llm_config_for
 from fusedit.model.transformer import FuseDiTTransformer
-from torch import nn
 
 
 def _count(module: nn.Module) -> int:

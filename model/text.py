@@ -12,10 +12,11 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from fusedit.errors import UserError
 from fusedit.model.config import TextModulation, TextSpec
 from fusedit.model.presets import LLM_PRESETS, llm_config
-from torch import nn
 
 
 @dataclass

@@ -9,6 +9,7 @@ import itertools
 from pathlib import Path
 
 import torch
+
 from fusedit.model.presets import llm_config
 
 _WORDS = {

@@ -7,13 +7,14 @@ from typing import NamedTuple
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from torch import nn
+
 from fusedit.model.block import DiTBlock, TextKV, _heads
 from fusedit.model.conditioning import CONDITIONING
 from fusedit.model.config import DiTArch, TextSpec
 from fusedit.model.layers import RMSNorm, norm_or_identity
 from fusedit.model.positions import IMAGE_ROPE, ape, grid
 from fusedit.model.text import TextContext
-from torch import nn
 
 
 class DeepText(nn.Module):

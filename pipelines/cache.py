@@ -4,9 +4,10 @@ The body is the same function `fusedit cache build` and the DVC stage run, so a 
 `dvc repro` write the same cache. The GPU request is set on the task (`nvidia.com/gpu`, limit 1);
 without one the body still runs on CPU (e.g. under `kfp.local.SubprocessRunner`).
 """
-from fusedit.pipelines.image import IMAGE
 from kfp import compiler, dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
+
+from fusedit.pipelines.image import IMAGE
 
 GPU = "nvidia.com/gpu"
 

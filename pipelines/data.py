@@ -5,9 +5,10 @@ Each component body imports and calls the same function the CLI and DVC use, so 
 project image (`image.IMAGE`, which already has fusedit and kfp installed), and also run unchanged
 under `kfp.local.SubprocessRunner(use_venv=False)`.
 """
-from fusedit.pipelines.image import IMAGE
 from kfp import compiler, dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Output
+
+from fusedit.pipelines.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -29,6 +30,7 @@ def filter_op(shards: Input[Dataset], filtered: Output[Dataset], metrics: Output
     import shutil
 
     import yaml
+
     from fusedit.components.filter import filter_shards
     from fusedit.components.filter_config import FilterConfig
 

@@ -4,9 +4,10 @@ The body is the function `fusedit eval run` and the DVC stage call; it logs ever
 Metric and publishes the report as HTML and Markdown artifacts. Without a GPU the body still runs on
 CPU (e.g. under `kfp.local.SubprocessRunner`).
 """
-from fusedit.pipelines.image import IMAGE
 from kfp import compiler, dsl
 from kfp.dsl import HTML, Input, Markdown, Metrics, Model, Output
+
+from fusedit.pipelines.image import IMAGE
 
 GPU = "nvidia.com/gpu"
 
@@ -21,6 +22,7 @@ def evaluate_op(pipeline: Input[Model], metrics: Output[Metrics], report: Output
     import tempfile
 
     import yaml
+
     from fusedit.components import storage
     from fusedit.components.evaluate import EvalConfig, evaluate
 

@@ -11,10 +11,11 @@ GPU count, node selector and tolerations are run parameters.
 from pathlib import Path
 
 import yaml
-from fusedit.components.train_config import load_train_params
-from fusedit.pipelines.image import IMAGE
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Input, Metrics, Model, Output
+
+from fusedit.components.train_config import load_train_params
+from fusedit.pipelines.image import IMAGE
 
 GPU = "nvidia.com/gpu"
 NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # label of the NVIDIA GPU operator
@@ -36,6 +37,7 @@ def train_op(model: Output[Model], metrics: Output[Metrics], recipe: str, stage:
     from pathlib import Path
 
     import yaml
+
     from fusedit.components import storage
     from fusedit.components.train import PREEMPTED_EXIT, Preempted, train
 

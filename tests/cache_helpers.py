@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from fusedit.components.features import Batch
 from fusedit.components.synth import synth
 from fusedit.model.config import load_recipe
-
 from tests.conftest import tiny_overrides
 
 DEEP, SHALLOW = "fusedit/baseline", "baselinedit/self-attention"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fusedit.model import tiny
 from fusedit.model.config import load_recipe
 

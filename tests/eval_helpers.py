@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from fusedit.model.config import load_recipe
 from fusedit.model.pipeline import FuseDiTPipeline
-
 from tests.conftest import randomize, tiny_overrides
 
 

@@ -8,6 +8,7 @@ every non-pad text token. No K/V cache, no hooks, no SDPA: the production code m
 from __future__ import annotations
 
 import torch
+
 from fusedit.model.layers import modulate
 from fusedit.model.positions import IMAGE_ROPE, ape, grid
 

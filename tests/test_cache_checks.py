@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from fusedit.components.cache import build_cache
 from fusedit.components.cache_cli import parse_bytes
 from fusedit.components.cache_format import FingerprintMismatch, check_fingerprint, read_manifest
@@ -13,7 +14,6 @@ from fusedit.components.features import open_features
 from fusedit.components.tario import TarSink
 from fusedit.errors import UserError
 from fusedit.model import tiny
-
 from tests.cache_helpers import SHALLOW, cli_sets, make_shards, recipe_overrides, tiny_recipe
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fusedit.components.cache import build_cache
 from fusedit.components.features import CachedFeatures, OnlineFeatures, open_features, sample_x0
 from fusedit.components.frozen import load_text_encoder
@@ -10,7 +11,6 @@ from fusedit.model.config import resolve
 from fusedit.model.flow import RectifiedFlow
 from fusedit.model.text import llm_config_for
 from fusedit.model.transformer import FuseDiTTransformer
-
 from tests.cache_helpers import DEEP, SHALLOW, make_shards, tiny_recipe
 from tests.conftest import randomize
 

@@ -9,11 +9,11 @@ import sys
 from collections import Counter
 
 import pytest
+
 from fusedit.components import features as features_mod
 from fusedit.components.cache import build_cache
 from fusedit.components.cache_format import read_manifest
 from fusedit.components.features import open_features
-
 from tests.cache_helpers import DEEP, SHALLOW, cli_sets, make_shards, recipe_overrides, same_batch, tiny_recipe, tree
 
 

@@ -7,7 +7,6 @@ from fusedit.components import storage
 from fusedit.components.cache import build_cache
 from fusedit.components.cache_format import read_manifest
 from fusedit.components.features import CachedFeatures, open_features
-
 from tests.cache_helpers import SHALLOW, make_shards, same_batch, tiny_recipe
 
 

@@ -9,13 +9,13 @@ from collections import Counter
 import pandas as pd
 import pytest
 import webdataset as wds
+from PIL import Image
+
 from fusedit.components import filter as filt
 from fusedit.components.filter import filter_shards
 from fusedit.components.filter_config import FilterConfig, load_filter_config
 from fusedit.components.synth import DEFECTS, synth
 from fusedit.errors import UserError
-from PIL import Image
-
 from tests.data_helpers import build_tokenizer, jpeg, member_ends, synth_defects, write_tar
 
 FAST = {"report": False}

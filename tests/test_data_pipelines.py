@@ -77,8 +77,9 @@ def test_pipelines_compile_with_typed_artifacts_on_the_project_image(tmp_path):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
 def test_kfp_local_runs_the_data_pipeline(tmp_path, monkeypatch):
-    from fusedit.pipelines.data import data_pipeline
     from kfp import local
+
+    from fusedit.pipelines.data import data_pipeline
 
     monkeypatch.chdir(tmp_path)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))

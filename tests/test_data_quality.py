@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from fusedit.components.filter import QualityGateError, filter_shards
 from fusedit.components.filter_config import FilterConfig
 from fusedit.components.synth import synth

@@ -8,11 +8,12 @@ import socket
 import boto3
 import pytest
 import webdataset as wds
+from moto.server import ThreadedMotoServer
+
 from fusedit.components import storage
 from fusedit.components.filter import filter_shards
 from fusedit.components.filter_config import FilterConfig
 from fusedit.components.synth import synth
-from moto.server import ThreadedMotoServer
 
 
 @pytest.fixture(scope="module")

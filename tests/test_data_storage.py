@@ -4,9 +4,9 @@ from __future__ import annotations
 import tarfile
 
 import pytest
+
 from fusedit.components import storage
 from fusedit.components.tario import ShardError, TarSink, iter_samples
-
 from tests.data_helpers import jpeg, member_ends, write_tar
 
 

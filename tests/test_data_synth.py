@@ -8,9 +8,10 @@ import random
 
 import pytest
 import webdataset as wds
+from PIL import Image
+
 from fusedit.components import scenes
 from fusedit.components.synth import DEFECTS, synth
-from PIL import Image
 
 
 def _digest(d):

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import yaml
+
 from fusedit.components.evaluate import EvalConfig, evaluate
 from fusedit.errors import UserError
-
 from tests.eval_helpers import export_tiny
 
 
@@ -70,8 +70,9 @@ def test_run_and_compare_through_the_cli(tmp_path, pipe_dir):
 
 
 def test_kfp_component_requests_a_gpu_and_runs_locally(tmp_path, pipe_dir):
-    from fusedit.pipelines.evaluate import GPU, compile_pipeline, evaluate_op
     from kfp import dsl, local
+
+    from fusedit.pipelines.evaluate import GPU, compile_pipeline, evaluate_op
 
     spec = yaml.safe_load(open(compile_pipeline(str(tmp_path))))
     resources = [e["container"].get("resources", {}) for e in spec["deploymentSpec"]["executors"].values()

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageEnhance
+
 from fusedit.components import scenes
 from fusedit.components.evals import fid, synthetic
-from PIL import Image, ImageEnhance
 
 
 def _feats(images):

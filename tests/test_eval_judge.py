@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from fusedit.components import scenes
 from fusedit.components.evals import judge as J
 from fusedit.components.evals import synthetic as S
-from PIL import Image
 
 
 @pytest.mark.parametrize("size", [32, 64])

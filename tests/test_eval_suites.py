@@ -5,12 +5,12 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from fusedit.components.evals import geneval
 from fusedit.components.evals.sampling import Job, Sampler
 from fusedit.components.evaluate import EvalConfig, evaluate
 from fusedit.errors import UserError
-from PIL import Image
-
 from tests.eval_helpers import build_clip, export_tiny
 
 FAST = dict(steps=2, progress=False, batch_size=8)
@@ -116,6 +116,7 @@ def test_synthetic_suite_resumes_and_refuses_other_settings(tmp_path, pipe_dir):
 
 def test_rank_slices_draw_the_same_images(tmp_path, pipe_dir):
     import torch
+
     from fusedit.components.evaluate import load_pipeline
 
     pipe = load_pipeline(pipe_dir, torch.device("cpu"), torch.float32)

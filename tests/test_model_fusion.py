@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fusedit.model.config import FlowConfig, load_recipe, recipe_names, resolve
 from fusedit.model.flow import RectifiedFlow
 from fusedit.model.text import PooledTextEncoder, TextEncoder, llm_config_for, load_llm, load_tokenizer
 from fusedit.model.transformer import FuseDiTTransformer
-
 from tests.conftest import randomize, tiny_overrides
 from tests.oracle import joint_forward
 

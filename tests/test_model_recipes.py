@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
+
 from fusedit.errors import UserError
 from fusedit.model.config import load_recipe, recipe_names
 from fusedit.model.summary import summarize
-from pydantic import ValidationError
 
 # trainable DiT parameters, billions (facts file, section 1.7)
 REFERENCE_COUNTS = {

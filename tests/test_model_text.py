@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModel
+
 from fusedit.errors import UserError
 from fusedit.model.config import TextSpec
 from fusedit.model.text import TextContext, TextEncoder, load_llm, load_tokenizer
-from transformers import AutoModel
 
 CAPTIONS = ["three green triangles above a yellow circle", "a red square", ""]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from fusedit.components.filter import filter_shards
 from fusedit.components.filter_config import FilterConfig, QualityThresholds
 from fusedit.components.synth import synth

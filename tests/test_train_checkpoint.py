@@ -6,6 +6,7 @@ import logging
 import boto3
 import pytest
 import torch
+
 from fusedit.components import checkpoint, storage
 
 

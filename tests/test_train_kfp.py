@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from fusedit.components.filter import filter_shards
 from fusedit.components.filter_config import FilterConfig, QualityThresholds
 from fusedit.components.synth import synth
@@ -76,8 +77,9 @@ def test_two_stages_run_with_kfp_local(tmp_path, tiny_dir, filtered):
 
 
 def test_preempted_stage_exits_75_so_kfp_retries(tmp_path, monkeypatch):
-    from fusedit.components import train as train_mod
     from kfp.dsl import Metrics, Model
+
+    from fusedit.components import train as train_mod
 
     def preempted(*args, **kwargs):
         raise train_mod.Preempted("SIGTERM, checkpoint committed at step 2")

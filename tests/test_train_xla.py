@@ -137,6 +137,7 @@ def test_xla_spmd_stage_matches_eager_and_shards_over_4_devices(tmp_path, tiny_d
 
     # the XLA run's checkpoint and export load in the main venv (torch 2.13), next to the eager one
     import torch
+
     from fusedit.components import checkpoint
 
     cx = checkpoint.load_latest(str(xla_out / "checkpoints"))

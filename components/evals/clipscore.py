@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
 from fusedit.components.evals import synthetic
 from fusedit.components.evals.base import SuiteContext, SuiteResult
 from fusedit.components.evals.prompts import read_named_prompts
 from fusedit.components.evals.sampling import Job, save_png
 from fusedit.errors import UserError
-from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

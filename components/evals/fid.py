@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
 from fusedit.components.evals.base import SuiteContext, SuiteResult
 from fusedit.components.evals.prompts import read_named_prompts
 from fusedit.components.evals.sampling import Job, save_png
 from fusedit.errors import UserError
-from PIL import Image
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from fusedit.components import scenes
 from PIL import Image, ImageDraw
+
+from fusedit.components import scenes
 
 PALETTE_NAMES = sorted(scenes.COLORS)
 PALETTE = np.array([scenes.COLORS[c] for c in PALETTE_NAMES], dtype=np.float32)

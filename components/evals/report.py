@@ -6,8 +6,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fusedit.components.evals.sampling import grid
 from PIL import Image
+
+from fusedit.components.evals.sampling import grid
 
 
 def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

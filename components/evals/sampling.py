@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
+
 from fusedit.model.config import FlowConfig
 from fusedit.model.flow import RectifiedFlow
-from PIL import Image
 
 
 @dataclass

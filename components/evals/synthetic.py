@@ -90,8 +90,9 @@ def prepare(ctx):
 
 
 def score(ctx):
-    from fusedit.components.evals.base import SuiteResult
     from PIL import Image
+
+    from fusedit.components.evals.base import SuiteResult
 
     specs = _specs(ctx)
     verdicts, rows = [], []
