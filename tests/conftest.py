@@ -29,6 +29,20 @@ def tiny_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def filtered(tmp_path_factory) -> Path:
+    """48 clean synthetic samples through the real filter: the training tests' data."""
+    from fusedit.components.filter import filter_shards
+    from fusedit.components.filter_config import FilterConfig, QualityThresholds
+    from fusedit.components.synth import synth
+
+    root = tmp_path_factory.mktemp("train-data")
+    synth(str(root / "synth"), samples=48, seed=1, shard_size=16, bad_fraction=0.0, short_side=(32, 48))
+    filter_shards(FilterConfig(input=str(root / "synth"), output=str(root / "filtered"), min_side=16, workers=1,
+                               dedupe_near=False, quality=QualityThresholds(max_duplicate_rate=1.0)))
+    return root / "filtered"
+
+
 def tiny_overrides(name: str, root: Path) -> dict:
     """Shrink a reference recipe to tiny shapes while keeping what makes it that variant."""
     ref = load_recipe(name).model

@@ -13,22 +13,12 @@ import pytest
 import torch
 import yaml
 
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig, QualityThresholds
-from fusedit.components.synth import synth
 from fusedit.components.train_config import load_train_params
 from fusedit.errors import UserError
 
 FUSEDIT = str(Path(sys.executable).parent / "fusedit")
 
 
-@pytest.fixture(scope="module")
-def filtered(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    synth(str(root / "synth"), samples=48, seed=1, shard_size=16, bad_fraction=0.0, short_side=(32, 48))
-    filter_shards(FilterConfig(input=str(root / "synth"), output=str(root / "filtered"), min_side=16, workers=1,
-                               dedupe_near=False, quality=QualityThresholds(max_duplicate_rate=1.0)))
-    return root / "filtered"
 
 
 def _params(tmp_path: Path, base_steps=12, **base) -> Path:

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_train import _losses, filtered  # noqa: F401 - the shared data fixture
+from tests.test_train import _losses
 
 BIN = Path(sys.executable).parent
 
@@ -35,7 +35,7 @@ def _train(prefix: list[str], tiny_dir, data, params, out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, tiny_dir, filtered, strategy):  # noqa: F811
+def test_two_processes_match_one(tmp_path, tiny_dir, filtered, strategy):
     params = _params(tmp_path, strategy)
     _train([str(BIN / "fusedit")], tiny_dir, filtered, params, tmp_path / "one")
     torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "fusedit")]

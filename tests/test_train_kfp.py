@@ -7,9 +7,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig, QualityThresholds
-from fusedit.components.synth import synth
 from fusedit.pipelines.train import GPU, compile_pipeline, train_op, train_pipeline
 
 
@@ -52,13 +49,6 @@ def test_compiled_pipeline_places_each_stage_on_the_gpu_pool(tmp_path):
     assert inputs["tolerations"]["defaultValue"][0]["key"] == GPU and inputs["gpus"]["defaultValue"] == 1
 
 
-@pytest.fixture(scope="module")
-def filtered(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("kfp-train-data")
-    synth(str(root / "synth"), samples=16, seed=1, shard_size=8, bad_fraction=0.0, short_side=(32, 48))
-    filter_shards(FilterConfig(input=str(root / "synth"), output=str(root / "filtered"), min_side=16, workers=1,
-                               dedupe_near=False, quality=QualityThresholds(max_duplicate_rate=1.0)))
-    return root / "filtered"
 
 
 def test_two_stages_run_with_kfp_local(tmp_path, tiny_dir, filtered):

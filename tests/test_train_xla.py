@@ -56,17 +56,6 @@ SPY = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def filtered(tmp_path_factory) -> Path:
-    from fusedit.components.filter import filter_shards
-    from fusedit.components.filter_config import FilterConfig, QualityThresholds
-    from fusedit.components.synth import synth
-
-    root = tmp_path_factory.mktemp("xla-data")
-    synth(str(root / "synth"), samples=32, seed=1, shard_size=16, bad_fraction=0.0, short_side=(32, 48))
-    filter_shards(FilterConfig(input=str(root / "synth"), output=str(root / "filtered"), min_side=16, workers=1,
-                               dedupe_near=False, quality=QualityThresholds(max_duplicate_rate=1.0)))
-    return root / "filtered"
 
 
 def _losses(out: Path) -> list[float]:
