@@ -14,6 +14,7 @@ GROUPS = {
     "data": "fusedit.components.data_cli",
     "cache": "fusedit.components.cache_cli",
     "eval": "fusedit.components.eval_cli",
+    "pipeline": "fusedit.pipelines.cli",
 }
 # top-level commands: name -> (module, function)
 COMMANDS = {

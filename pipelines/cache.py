@@ -14,8 +14,12 @@ GPU = "nvidia.com/gpu"
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def cache_op(filtered: Input[Dataset], cache: Output[Dataset], metrics: Output[Metrics], recipe: str = "tiny",
-             overrides: list = [], dtype: str = "bf16", max_bytes: int = 0, batch_size: int = 32):  # noqa: B006
-    """Cache text features and VAE posteriors of `filtered` (a local artifact or an s3:// import)."""
+             overrides: list = [], dtype: str = "bf16", max_bytes: int = 0, batch_size: int = 32,  # noqa: B006
+             data_version: str = ""):
+    """Cache text features and VAE posteriors of `filtered` (a local artifact or an s3:// import).
+
+    data_version only enters KFP's cache key (see `filter_op`).
+    """
     from fusedit.components.cache import build_cache
 
     source = filtered.uri if filtered.uri.startswith("s3://") else filtered.path

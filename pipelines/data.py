@@ -24,8 +24,12 @@ def synth_op(shards: Output[Dataset], samples: int = 2000, seed: int = 0, shard_
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def filter_op(shards: Input[Dataset], filtered: Output[Dataset], metrics: Output[Metrics], report: Output[HTML],
-              config_yaml: str = "", tokenizer: str = ""):
-    """Filter `shards` (a local artifact or an s3:// import) into `filtered`; log metrics; HTML report."""
+              config_yaml: str = "", tokenizer: str = "", data_version: str = ""):
+    """Filter `shards` (a local artifact or an s3:// import) into `filtered`; log metrics; HTML report.
+
+    data_version (DVC rev or shard-manifest hash) is unused by the body: it is part of KFP's cache key, so
+    changed data behind the same URI is filtered again instead of answered from the cache.
+    """
     import os
     import shutil
 

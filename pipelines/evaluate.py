@@ -15,7 +15,10 @@ GPU = "nvidia.com/gpu"
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate_op(pipeline: Input[Model], metrics: Output[Metrics], report: Output[HTML], summary: Output[Markdown],
                 config_yaml: str = "", suites: list = ["synthetic"], output_uri: str = ""):  # noqa: B006
-    """Evaluate an exported pipeline (a local artifact or an s3:// import); log metrics, HTML and Markdown."""
+    """Evaluate an exported pipeline (local artifact, s3:// import or train_op Model); log metrics, HTML, Markdown.
+
+    A train_op Model names its exported pipeline in metadata["pipeline"] (the artifact is the stage directory).
+    """
     import base64
     import os
     import re
@@ -26,7 +29,7 @@ def evaluate_op(pipeline: Input[Model], metrics: Output[Metrics], report: Output
     from fusedit.components import storage
     from fusedit.components.evaluate import EvalConfig, evaluate
 
-    source = pipeline.uri if pipeline.uri.startswith("s3://") else pipeline.path
+    source = pipeline.metadata.get("pipeline") or (pipeline.uri if pipeline.uri.startswith("s3://") else pipeline.path)
     run_dir = tempfile.mkdtemp(prefix="fusedit-eval-")
     fields = yaml.safe_load(config_yaml) if config_yaml else {}
     fields.update(pipeline=source, output=run_dir, suites=list(suites), progress=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 from kfp import compiler, dsl, kubernetes
-from kfp.dsl import Input, Metrics, Model, Output
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from fusedit.components.train_config import load_train_params
 from fusedit.pipelines.image import IMAGE
@@ -25,11 +25,13 @@ TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train_op(model: Output[Model], metrics: Output[Metrics], recipe: str, stage: str, data: str, params: str,
              output_root: str = "", init: Input[Model] = None, overrides: list = [],  # noqa: B006
-             device: str = ""):
+             device: str = "", data_version: str = "", cache: Input[Dataset] = None):
     """Train (or resume) `stage`; its output is <output_root>/<stage>, or the Model artifact's own location.
 
-    params: the params YAML text or a path to it. init: the upstream stage's Model; its location becomes
-    this stage's init_from. A SIGTERM-save ends the task with exit status 75 so that KFP retries it.
+    data: the feature cache's location, or "" to read the `cache` artifact. params: the params YAML text or a
+    path to it. init: the upstream stage's Model; its location becomes this stage's init_from. data_version is
+    recorded in the Model's metadata (and is part of the task's inputs). A SIGTERM-save ends the task with exit
+    status 75 so that KFP retries it.
     """
     import os
     import sys
@@ -44,6 +46,7 @@ def train_op(model: Output[Model], metrics: Output[Metrics], recipe: str, stage:
     def location(a) -> str:
         return a.metadata.get("output") or (a.uri if a.uri.startswith("s3://") else a.path)
 
+    data = data or location(cache)
     target = storage.join(output_root, stage) if output_root else location(model)
     doc = yaml.safe_load(Path(params).read_text() if "\n" not in params and os.path.isfile(params) else params)
     if init is not None:
@@ -60,7 +63,7 @@ def train_op(model: Output[Model], metrics: Output[Metrics], recipe: str, stage:
     finally:
         os.unlink(f.name)
     model.metadata.update({"output": target, "pipeline": storage.join(target, "pipeline"), "stage": stage,
-                           "recipe": recipe, "steps": r.steps})
+                           "recipe": recipe, "steps": r.steps, "data_version": data_version})
     if output_root:
         model.uri = target
     metrics.log_metric("final_loss", r.final_loss)

@@ -1,0 +1,130 @@
+"""`fusedit pipeline`: compile the workflow, submit it to a KFP server, or run the whole DAG locally.
+
+kfp.Client contacts the server as soon as it is built, so it is built only inside `submit`.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import typer
+
+from fusedit.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+
+def _options(variant: str, image: str | None, tpu_image: str | None, params: Path, secret: str):
+    from fusedit.pipelines.workflow import VARIANTS, Options
+
+    if variant not in VARIANTS:
+        raise UserError(f"--variant must be one of {', '.join(VARIANTS)} (got '{variant}')")
+    if not params.is_file():
+        raise UserError(f"params file not found: {params}")
+    o = Options(variant=variant, params=str(params), secret=secret)
+    if image:
+        o.image = image
+    if tpu_image:
+        o.tpu_image = tpu_image
+    return o
+
+
+@app.command("compile")
+def compile_(
+    out: Path = typer.Option(..., help="where to write the compiled pipeline YAML"),
+    variant: str = typer.Option("gpu", help="gpu or tpu (training steps on a TPU slice, torch-xla trainer)"),
+    image: str = typer.Option(None, help="image for every step (default: fusedit.pipelines.image.IMAGE)"),
+    tpu_image: str = typer.Option(None, help="image for the TPU training steps (default: image.TPU_IMAGE)"),
+    params: Path = typer.Option(Path("params.yaml"), help="stage list and run-parameter defaults"),
+    secret: str = typer.Option("fusedit-storage", help="Kubernetes Secret holding the storage credentials"),
+) -> None:
+    """Compile the whole workflow to KFP IR YAML."""
+    from fusedit.pipelines.workflow import compile_workflow
+
+    compile_workflow(str(out), _options(variant, image, tpu_image, params, secret))
+    typer.echo(f"wrote {out}")
+
+
+def _param(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--param must be KEY=VALUE (got '{item}')")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+@app.command("submit")
+def submit(
+    host: str = typer.Option(..., help="KFP API endpoint, e.g. http://localhost:8080"),
+    experiment: str = typer.Option("fusedit", help="experiment to file the run under (created if missing)"),
+    run_name: str = typer.Option(None, help="display name of the run"),
+    param: list[str] = typer.Option([], help="run parameter KEY=VALUE (VALUE parsed as JSON when it is)"),
+    service_account: str = typer.Option("fusedit", help="Kubernetes service account the run's pods use"),
+    namespace: str = typer.Option("fusedit", help="namespace of the run (multi-user KFP: your profile)"),
+    package: Path = typer.Option(None, help="a compiled pipeline YAML (default: compile now)"),
+    variant: str = typer.Option("gpu", help="when compiling: gpu or tpu"),
+    image: str = typer.Option(None, help="when compiling: image for every step"),
+    params: Path = typer.Option(Path("params.yaml"), help="when compiling: the params file"),
+    secret: str = typer.Option("fusedit-storage", help="when compiling: the storage Secret's name"),
+) -> None:
+    """Submit the workflow as a run. Auth: KFP_TOKEN (a bearer token) from the environment, else kfp's defaults."""
+    import kfp
+
+    from fusedit.pipelines.workflow import compile_workflow
+
+    arguments = dict(_param(p) for p in param)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(package) if package else compile_workflow(os.path.join(tmp, "workflow.yaml"),
+                                                            _options(variant, image, None, params, secret))
+        client = kfp.Client(host=host, namespace=namespace, existing_token=os.environ.get("KFP_TOKEN") or None)
+        result = client.create_run_from_pipeline_package(
+            path, arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace,
+            service_account=service_account)
+    typer.echo(f"run {result.run_id} submitted to {host} (experiment '{experiment}')")
+
+
+def tiny_params(doc: dict, steps: int, samples: int) -> dict:
+    """A copy of a params document shrunk to a run of seconds per step (the stage list kept)."""
+    doc = json.loads(json.dumps(doc))
+    doc["data"]["synth"].update(samples=samples, shard_size=max(samples // 2, 1))
+    for st in doc["train"]["stages"]:
+        st.update(steps=steps, batch_size=4, save_every=steps, log_every=1, sample_every=steps, warmup_steps=0)
+    doc["eval"].update(steps=1, batch_size=4, synthetic_per_category=1, images_per_prompt=1)
+    return doc
+
+
+def collect(root: Path, out: Path) -> None:
+    """Copy the filter step's outputs from the pipeline root to out/filtered (the `dvc repro` layout)."""
+    found = sorted(root.rglob("filter-op/filtered/metrics.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"no filter output under {root}")
+    shutil.copytree(found[-1].parent, out / "filtered", dirs_exist_ok=True)
+
+
+@app.command("run-local")
+def run_local(
+    out: Path = typer.Option(Path("kfp-local"), help="directory for the run (pipeline root + dvc-like layout)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file whose stages and defaults to use"),
+    steps: int = typer.Option(3, help="training steps per stage"),
+    samples: int = typer.Option(48, help="synthetic samples"),
+) -> None:
+    """Run the whole DAG on this machine through kfp.local (SubprocessRunner, this venv), tiny recipe."""
+    import yaml
+    from kfp import local
+
+    from fusedit.pipelines.workflow import Options, build
+
+    if not params.is_file():
+        raise UserError(f"params file not found: {params}")
+    doc = tiny_params(yaml.safe_load(params.read_text()), steps, samples)
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "root"),
+               raise_on_error=True)
+    build(Options(params_doc=doc, source="synth"))(recipe="tiny", device="cpu", cache_dtype="fp32",
+                                   train_output_root=str(out / "train"), eval_output_uri=str(out / "eval"))
+    collect(out / "root", out)
+    typer.echo(f"metrics: {out}/filtered/metrics.json, {out}/train/<stage>/metrics.json, {out}/eval/metrics.json")

@@ -1,0 +1,206 @@
+"""The whole workflow as ONE KFP v2 pipeline: the DVC DAG (synth -> filter -> tiny -> cache -> train -> evaluate).
+
+Every step is the component its own module defines (data, cache, train, evaluate); this module only wires them
+and places them on the cluster. What is fixed when compiling: the variant (`gpu` or `tpu`), the images, the
+stage list (the DAG's shape) and the defaults read from params.yaml. What is a run parameter: the recipe, the
+data source and its `data_version`, the params YAML texts, accelerator count, node selector and tolerations.
+
+`data_version` (a DVC rev or a shard-manifest hash) goes into every data-reading task's inputs, so KFP's cache
+key changes when the data behind an unchanged URI changes. Training is never cached (resume needs it to run).
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from kfp import dsl, kubernetes
+from kfp.dsl import Dataset, Model, Output
+
+from fusedit.components.train_config import TrainParams
+from fusedit.pipelines.cache import cache_op
+from fusedit.pipelines.data import filter_op, synth_op
+from fusedit.pipelines.evaluate import evaluate_op
+from fusedit.pipelines.image import IMAGE, TPU_IMAGE
+from fusedit.pipelines.train import on_gpu_pool, train_op
+
+GPU = "nvidia.com/gpu"
+TPU = "google.com/tpu"
+VARIANTS = ("gpu", "tpu")
+SOURCES = ("either", "synth", "uri")
+# Defaults match k8s/overlays/gke-gpu; EKS: --param node_selector='{"eks.amazonaws.com/nodegroup": "..."}'.
+GPU_NODE_SELECTOR = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+GPU_TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+# A single-host slice: one pod drives all its chips (multi-host slices need a JobSet, see pipelines/README.md).
+TPU_NODE_SELECTOR = {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+                     "cloud.google.com/gke-tpu-topology": "2x2"}
+TPU_TOLERATIONS = [{"key": TPU, "operator": "Exists", "effect": "NoSchedule"}]
+# Keys of the storage Secret (k8s/base/secret-storage.template.yaml), each exposed as the env var of its name.
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FUSEDIT_S3_ENDPOINT")
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def tiny_op(tiny: Output[Model], recipe: str, overrides: list = []) -> list:  # noqa: B006
+    """The DVC `tiny` stage: for the tiny recipe, write the tiny LLM and point `model.llm` at it.
+
+    Returns the recipe overrides every model-loading task uses; other recipes (or an explicit model.llm)
+    pass through unchanged.
+    """
+    from pathlib import Path
+
+    out = list(overrides)
+    if recipe == "tiny" and not any(o.startswith("model.llm=") for o in out):
+        from fusedit.model.cli import init_tiny
+
+        init_tiny(out=Path(tiny.path), family="tiny-gemma", seed=0)
+        out.append(f"model.llm={Path(tiny.path) / 'llm'}")
+    else:
+        Path(tiny.path).mkdir(parents=True, exist_ok=True)
+    tiny.metadata.update({"recipe": recipe})
+    return out
+
+
+@dataclass
+class Options:
+    """Compile-time choices (not run parameters)."""
+
+    variant: str = "gpu"
+    image: str = IMAGE
+    tpu_image: str = TPU_IMAGE
+    params: str = "params.yaml"
+    secret: str = "fusedit-storage"
+    retries: int = 3
+    backoff: str = "60s"
+    train_timeout_s: int = 48 * 3600
+    step_timeout_s: int = 6 * 3600
+    eval_stage: str = ""  # default: the last training stage
+    # where the shards come from: "either" (synth when source_uri is empty, else import it; chosen at run time),
+    # "synth" or "uri". kfp.local (2.17) cannot resolve the OneOf of artifacts "either" compiles to.
+    source: str = "either"
+    params_doc: dict = field(default_factory=dict)  # loaded from `params` when empty
+
+
+def _text(value) -> str:
+    # one line of JSON (which is YAML): the compiler copies defaults into a header comment, and a multi-line
+    # default there would make the compiled file invalid YAML
+    return json.dumps(value)
+
+
+def _texts(doc: dict) -> dict:
+    """Run-parameter defaults from a params document."""
+    synth = doc.get("data", {}).get("synth", {})
+    ev = dict(doc.get("eval", {}))
+    return {"recipe": doc.get("model", {}).get("recipe", "tiny"),
+            "samples": int(synth.get("samples", 2000)), "seed": int(synth.get("seed", 0)),
+            "shard_size": int(synth.get("shard_size", 500)), "bad_fraction": float(synth.get("bad_fraction", 0.1)),
+            "filter_config": _text(doc.get("data", {}).get("filter", {})),
+            "train_params": _text({"train": doc["train"]}),
+            "eval_suites": list(ev.pop("suites", ["synthetic"])),
+            "eval_config": _text(ev)}
+
+
+def _common(task: dsl.PipelineTask, opts: Options, image: str, timeout_s: int,
+            secret: bool = True) -> dsl.PipelineTask:
+    task.set_container_image(image)
+    kubernetes.set_timeout(task, timeout_s)
+    if secret:  # optional: with workload identity / IRSA the Secret may be absent
+        kubernetes.use_secret_as_env(task, secret_name=opts.secret, secret_key_to_env={k: k for k in SECRET_KEYS},
+                                     optional=True)
+    return task
+
+
+def _on_pool(task: dsl.PipelineTask, resource: str, count, node_selector, tolerations) -> dsl.PipelineTask:
+    task.set_accelerator_type(resource).set_accelerator_limit(count)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    return task
+
+
+def _shards(opts: Options, source_uri, data_version, samples, seed, shard_size, bad_fraction):
+    def made():
+        return _common(synth_op(samples=samples, seed=seed, shard_size=shard_size, bad_fraction=bad_fraction),
+                       opts, opts.image, opts.step_timeout_s, secret=False).set_display_name("synth").outputs["shards"]
+
+    def given():
+        return dsl.importer(artifact_uri=source_uri, artifact_class=Dataset, reimport=False,
+                            metadata={"data_version": data_version}).set_display_name("shards").output
+
+    if opts.source == "synth":
+        return made()
+    if opts.source == "uri":
+        return given()
+    with dsl.If(source_uri == "", name="embedded-default"):
+        a = made()
+    with dsl.Else(name="input-shards"):
+        b = given()
+    return dsl.OneOf(a, b)
+
+
+def build(opts: Options | None = None):
+    """The workflow pipeline function for `opts` (compile it, or call it under kfp.local)."""
+    opts = opts or Options()
+    if opts.variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS} (got '{opts.variant}')")
+    if opts.source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES} (got '{opts.source}')")
+    doc = opts.params_doc or yaml.safe_load(Path(opts.params).read_text())
+    d = _texts(doc)
+    stages = TrainParams.model_validate(doc["train"]).stages
+    eval_stage = opts.eval_stage or stages[-1].name
+    tpu = opts.variant == "tpu"
+    selector0, tolerations0 = (TPU_NODE_SELECTOR, TPU_TOLERATIONS) if tpu else (GPU_NODE_SELECTOR, GPU_TOLERATIONS)
+
+    @dsl.pipeline(name=f"fusedit-workflow-{opts.variant}",
+                  description="synth or shards -> filter -> tiny -> cache -> training stages -> evaluate")
+    def workflow(recipe: str = d["recipe"], source_uri: str = "", data_version: str = "",
+                 samples: int = d["samples"], seed: int = d["seed"], shard_size: int = d["shard_size"],
+                 bad_fraction: float = d["bad_fraction"], filter_config: str = d["filter_config"],
+                 train_params: str = d["train_params"], eval_config: str = d["eval_config"],
+                 eval_suites: list = d["eval_suites"], overrides: list = [],  # noqa: B006
+                 cache_dtype: str = "bf16", train_output_root: str = "", eval_output_uri: str = "",
+                 accelerators: int = 4 if tpu else 1, node_selector: dict = selector0,
+                 tolerations: list = tolerations0, device: str = "xla" if tpu else ""):
+        shards = _shards(opts, source_uri, data_version, samples, seed, shard_size, bad_fraction)
+        filtered = _common(filter_op(shards=shards, config_yaml=filter_config, data_version=data_version),
+                           opts, opts.image, opts.step_timeout_s).set_display_name("filter")
+        kubernetes.empty_dir_mount(filtered, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        tiny = _common(tiny_op(recipe=recipe, overrides=overrides), opts, opts.image, opts.step_timeout_s,
+                       secret=False).set_display_name("tiny")
+        sets = tiny.outputs["Output"]
+        cache = _common(cache_op(filtered=filtered.outputs["filtered"], recipe=recipe, overrides=sets,
+                                 dtype=cache_dtype, data_version=data_version), opts, opts.image,
+                       opts.step_timeout_s).set_display_name("cache")
+        if not tpu:  # on the TPU variant the cache and evaluation run on CPU nodes
+            _on_pool(cache, GPU, 1, node_selector, tolerations)
+        trained: dict[str, dsl.PipelineTask] = {}
+        for st in stages:
+            upstream = trained.get(st.init_from or "")
+            init = {"init": upstream.outputs["model"]} if upstream else {}
+            task = train_op(recipe=recipe, stage=st.name, data="", cache=cache.outputs["cache"], params=train_params,
+                            output_root=train_output_root, overrides=sets, device=device,
+                            data_version=data_version, **init).set_display_name(f"train-{st.name}")
+            _common(task, opts, opts.tpu_image if tpu else opts.image, opts.train_timeout_s)
+            if tpu:
+                _on_pool(task, TPU, accelerators, node_selector, tolerations)
+                task.set_retry(opts.retries, backoff_duration=opts.backoff, backoff_factor=2.0)
+                task.set_caching_options(False)
+            else:
+                on_gpu_pool(task, accelerators, node_selector, tolerations, opts.retries, opts.backoff)
+            trained[st.name] = task
+        ev = _common(evaluate_op(pipeline=trained[eval_stage].outputs["model"], config_yaml=eval_config,
+                                 suites=eval_suites, output_uri=eval_output_uri), opts, opts.image,
+                     opts.step_timeout_s).set_display_name("evaluate")
+        if not tpu:
+            _on_pool(ev, GPU, 1, node_selector, tolerations)
+
+    return workflow
+
+
+def compile_workflow(out: str, opts: Options | None = None) -> str:
+    """Compile the workflow to KFP IR YAML at `out`."""
+    from kfp import compiler
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build(opts), out)
+    return out
