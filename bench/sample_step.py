@@ -15,20 +15,16 @@ import time
 
 import torch
 from train_step import (
-    GPU_RECIPES,
     autocast,
     build_model,
     compute_dtype,
-    device_name,
+    configurations,
     fit_batch,
     forward_flops,
-    image_tokens,
-    load,
-    matmul_rate,
     peak_memory_gib,
-    pick_device,
     report,
     reset_memory,
+    shape_arguments,
     sync,
     text_context,
 )
@@ -67,30 +63,19 @@ def time_sample(rec, arch, spec, dev, prompts: int, text_len: int, steps: int, g
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", nargs="+", help="default: baseline and large-scale on GPU, tiny on CPU")
+    shape_arguments(ap)
     ap.add_argument("--prompts", type=int, default=1, help="images per batch (the forward batch is twice that)")
-    ap.add_argument("--resolution", type=int, help="pixels (default: the recipe's, 512 for the real ones)")
-    ap.add_argument("--text-len", type=int, help="text tokens (default: the recipe's max_prompt_length)")
     ap.add_argument("--steps", type=int, default=25, help="Euler steps")
     ap.add_argument("--guidance", type=float, default=6.0)
     ap.add_argument("--repeats", type=int, help="timed sampling calls (default 3 on GPU, 1 on CPU)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
-    ap.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    ap.add_argument("--set", action="append", default=[], help="recipe override, e.g. model.dit_num_layers=2")
     args = ap.parse_args(argv)
-    dev = pick_device(args.device)
-    gpu = dev.type == "cuda"
-    rate, n = matmul_rate(dev)
-    report("matmul", device=device_name(dev), dtype=str(compute_dtype(dev)).split(".")[-1], n=n, tflops=rate / 1e12)
-    for name in args.recipe or (GPU_RECIPES if gpu else ["tiny"]):
-        rec, arch, spec = load(name, args.resolution, args.set)
-        text_len = args.text_len or rec.model.max_prompt_length
-        n_img = image_tokens(rec, arch)
+    for dev, rate, name, rec, arch, spec, text_len, n_img in configurations(args):
+        gpu = dev.type == "cuda"
         forwards = 2 * args.steps if args.guidance != 1.0 else args.steps
         flops = forwards * forward_flops(arch, n_img, text_len)
         label = {"recipe": name, "res": rec.model.resolution, "compile": args.compile, "steps": args.steps}
 
-        def run(prompts, rec=rec, arch=arch, spec=spec, text_len=text_len):
+        def run(prompts, rec=rec, arch=arch, spec=spec, text_len=text_len, dev=dev, gpu=gpu):
             return time_sample(rec, arch, spec, dev, prompts, text_len, args.steps, args.guidance,
                                args.repeats or (3 if gpu else 1), args.compile)
 

@@ -217,26 +217,35 @@ def fit_batch(fn, dev: torch.device, batch: int, kind: str, label: dict):
     return 0, None
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options both benches share: which recipes, at which shapes, on which device."""
     ap.add_argument("--recipe", nargs="+", help="default: baseline and large-scale on GPU, tiny on CPU")
-    ap.add_argument("--batch", type=int, help="default 16 on GPU, 4 on CPU")
     ap.add_argument("--resolution", type=int, help="pixels (default: the recipe's, 512 for the real ones)")
     ap.add_argument("--text-len", type=int, help="text tokens (default: the recipe's max_prompt_length)")
-    ap.add_argument("--steps", type=int, help="timed steps (default 8 on GPU, 3 on CPU)")
-    ap.add_argument("--warmup", type=int, help="untimed steps first (default 3 on GPU, 1 on CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
     ap.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     ap.add_argument("--set", action="append", default=[], help="recipe override, e.g. model.dit_num_layers=2")
-    args = ap.parse_args(argv)
+
+
+def configurations(args):
+    """Report the measured matmul rate, then yield (dev, rate, name, rec, arch, spec, text_len, n_img) per recipe."""
     dev = pick_device(args.device)
-    gpu = dev.type == "cuda"
     rate, n = matmul_rate(dev)
     report("matmul", device=device_name(dev), dtype=str(compute_dtype(dev)).split(".")[-1], n=n, tflops=rate / 1e12)
-    for name in args.recipe or (GPU_RECIPES if gpu else ["tiny"]):
+    for name in args.recipe or (GPU_RECIPES if dev.type == "cuda" else ["tiny"]):
         rec, arch, spec = load(name, args.resolution, args.set)
-        text_len = args.text_len or rec.model.max_prompt_length
-        n_img = image_tokens(rec, arch)
+        yield dev, rate, name, rec, arch, spec, args.text_len or rec.model.max_prompt_length, image_tokens(rec, arch)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shape_arguments(ap)
+    ap.add_argument("--batch", type=int, help="default 16 on GPU, 4 on CPU")
+    ap.add_argument("--steps", type=int, help="timed steps (default 8 on GPU, 3 on CPU)")
+    ap.add_argument("--warmup", type=int, help="untimed steps first (default 3 on GPU, 1 on CPU)")
+    args = ap.parse_args(argv)
+    for dev, rate, name, rec, arch, spec, text_len, n_img in configurations(args):
+        gpu = dev.type == "cuda"
         flops = 3 * forward_flops(arch, n_img, text_len)
         label = {"recipe": name, "res": rec.model.resolution, "compile": args.compile}
         run = partial(time_train, rec, arch, spec, dev, text_len=text_len, steps=args.steps or (8 if gpu else 3),
