@@ -25,13 +25,14 @@ TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train_op(model: Output[Model], metrics: Output[Metrics], recipe: str, stage: str, data: str, params: str,
              output_root: str = "", init: Input[Model] = None, overrides: list = [],  # noqa: B006
-             device: str = "", data_version: str = "", cache: Input[Dataset] = None):
+             device: str = "", data_version: str = "", cache: Input[Dataset] = None, processes: int = 1):
     """Train (or resume) `stage`; its output is <output_root>/<stage>, or the Model artifact's own location.
 
     data: the feature cache's location, or "" to read the `cache` artifact. params: the params YAML text or a
     path to it. init: the upstream stage's Model; its location becomes this stage's init_from. data_version is
     recorded in the Model's metadata (and is part of the task's inputs). A SIGTERM-save ends the task with exit
-    status 75 so that KFP retries it.
+    status 75 so that KFP retries it. processes > 1 (the task's GPU count on the GPU pool) runs the same
+    `fusedit train` under torchrun inside the pod, one rank per GPU (DDP, or FSDP2 per the stage's strategy).
     """
     import os
     import sys
@@ -56,7 +57,19 @@ def train_op(model: Output[Model], metrics: Output[Metrics], recipe: str, stage:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(doc, f)
     try:
-        r = train(recipe, stage, data, target, f.name, list(overrides), device or None)
+        if processes > 1:
+            import json
+            import subprocess
+
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "fusedit", "train", "--recipe", recipe, "--stage", stage,
+                   "--data", data, "--output", target, "--params", f.name]
+            cmd += [a for o in overrides for a in ("--set", o)] + (["--device", device] if device else [])
+            if rc := subprocess.call(cmd):
+                sys.exit(rc)
+            r = type("Result", (), json.loads(storage.read_bytes(storage.join(target, "metrics.json"))))
+        else:
+            r = train(recipe, stage, data, target, f.name, list(overrides), device or None)
     except Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)
@@ -97,7 +110,7 @@ def train_pipeline(params: str = "params.yaml", retries: int = 3, backoff: str =
             upstream = tasks.get(st.init_from or "")
             init = {"init": upstream.outputs["model"]} if upstream else {}
             task = train_op(recipe=recipe, stage=st.name, data=data_uri, params=text, output_root=output_root,
-                            overrides=overrides, device=device, **init)
+                            overrides=overrides, device=device, processes=gpus, **init)
             tasks[st.name] = on_gpu_pool(task.set_display_name(f"train-{st.name}"), gpus, node_selector,
                                          tolerations, retries, backoff)
 

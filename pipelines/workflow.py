@@ -178,8 +178,8 @@ def build(opts: Options | None = None):
             upstream = trained.get(st.init_from or "")
             init = {"init": upstream.outputs["model"]} if upstream else {}
             task = train_op(recipe=recipe, stage=st.name, data="", cache=cache.outputs["cache"], params=train_params,
-                            output_root=train_output_root, overrides=sets, device=device,
-                            data_version=data_version, **init).set_display_name(f"train-{st.name}")
+                            output_root=train_output_root, overrides=sets, device=device, data_version=data_version,
+                            processes=1 if tpu else accelerators, **init).set_display_name(f"train-{st.name}")
             _common(task, opts, opts.tpu_image if tpu else opts.image, opts.train_timeout_s)
             if tpu:
                 _on_pool(task, TPU, accelerators, node_selector, tolerations)

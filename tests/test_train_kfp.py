@@ -34,6 +34,7 @@ def test_compiled_pipeline_places_each_stage_on_the_gpu_pool(tmp_path):
     assert "init" not in tasks["train-base"]["inputs"].get("artifacts", {})
     assert "unrelated" not in tasks["train-base"]["inputs"]["parameters"]["params"]["runtimeValue"]["constant"]
     for task in tasks.values():
+        assert task["inputs"]["parameters"]["processes"]["componentInputParameter"] == "gpus"
         assert task["retryPolicy"]["maxRetryCount"] == 3 and task["retryPolicy"]["backoffDuration"] == "60s"
         assert task["cachingOptions"].get("enableCache", False) is False  # KFP writes enableCache: true when on
     executors = spec["deploymentSpec"]["executors"]
@@ -79,3 +80,21 @@ def test_preempted_stage_exits_75_so_kfp_retries(tmp_path, monkeypatch):
         train_op.python_func(model=Model(uri=str(tmp_path / "m")), metrics=Metrics(uri=str(tmp_path / "x")),
                              recipe="tiny", stage="base", data="unused", params=str(_params(tmp_path)))
     assert exit_.value.code == train_mod.PREEMPTED_EXIT == 75
+
+
+@pytest.mark.slow
+def test_several_gpus_run_the_stage_under_torchrun(tmp_path, tiny_dir, filtered):
+    """processes > 1 (the task's GPU count) launches torchrun in the pod: here 2 gloo ranks on the CPU."""
+    from kfp.dsl import Metrics, Model
+
+    stage = {"name": "base", "steps": 2, "batch_size": 4, "save_every": 2, "sample_prompts": ["a red square"]}
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"train": {"seed": 3, "stages": [stage]}}))
+    sets = [f"model.llm={tiny_dir / 'gemma'}", "model.resolution=16", "model.max_prompt_length=16",
+            "flow.sample_steps=2"]
+    model, metrics = Model(uri=str(tmp_path / "model")), Metrics(uri=str(tmp_path / "metrics"))
+    train_op.python_func(model=model, metrics=metrics, recipe="tiny", stage="base", data=str(filtered),
+                         params=str(params), overrides=sets, device="cpu", processes=2)
+    out = Path(model.metadata["output"])
+    assert json.loads((out / "metrics.json").read_text())["world"] == 2
+    assert (out / "pipeline" / "model_index.json").is_file() and model.metadata["steps"] == 2
