@@ -54,12 +54,14 @@ class TrainResult:
 class Denoiser(nn.Module):
     """The trained module: the DiT, plus the LLM when text is computed online (joint fine-tuning)."""
 
-    def __init__(self, dit: FuseDiTTransformer, encoder: TextEncoder | None):
+    def __init__(self, dit: FuseDiTTransformer, encoder: TextEncoder | None, text_len: int | None = None):
         super().__init__()
         self.dit, self.encoder = dit, encoder
+        self.text_len = text_len  # pad every batch's text to this length (XLA compiles one graph per shape)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext | list[str]) -> torch.Tensor:
-        return self.dit(x, t, text if isinstance(text, TextContext) else self.encoder.encode(text))
+        ctx = text if isinstance(text, TextContext) else self.encoder.encode(text)
+        return self.dit(x, t, ctx.pad_to(self.text_len) if self.text_len else ctx)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -206,7 +208,12 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     if not cached_text:
         encoder = TextEncoder(load_llm(m.llm, spec.llm_num_layers), load_tokenizer(m.tokenizer or m.llm), spec)
     llm_params = reachable_llm_params(encoder) if train_llm else []
-    denoiser = Denoiser(dit, encoder).to(d.device)
+    text_len = None
+    if d.strategy == "spmd":  # fixed text length: the longest a caption (plus instruction) can tokenize to
+        tok = encoder.tokenizer if encoder is not None else load_tokenizer(m.tokenizer or m.llm)
+        text_len = spec.max_length + (len(tok(spec.instruction, add_special_tokens=False).input_ids)
+                                      if spec.instruction else 0)
+    denoiser = Denoiser(dit, encoder, text_len).to(d.device)
 
     ema = EMA(dit.state_dict(), st.ema_decay)
     ckpt_root = storage.join(output, "checkpoints")
