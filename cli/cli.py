@@ -27,11 +27,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 def _register() -> None:
     for name, module in GROUPS.items():
-        try:
-            app.add_typer(import_module(module).app, name=name)
-        except ModuleNotFoundError as e:  # a group whose module is not written yet
-            if e.name != module:
-                raise
+        app.add_typer(import_module(module).app, name=name)
     for name, (module, func) in COMMANDS.items():
         app.command(name)(getattr(import_module(module), func))
 
