@@ -11,7 +11,6 @@ Output: one `key=value` line per measurement (`matmul ...`, `sample ...`).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from train_step import (
@@ -25,8 +24,8 @@ from train_step import (
     report,
     reset_memory,
     shape_arguments,
-    sync,
     text_context,
+    timed,
 )
 
 from fusedit.model.flow import RectifiedFlow
@@ -50,15 +49,10 @@ def time_sample(rec, arch, spec, dev, prompts: int, text_len: int, steps: int, g
         with torch.inference_mode(), autocast(dev):
             return flow.sample(model, cond, uncond, noise, steps=steps, guidance=guidance)
 
-    run()
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        x = run()
-    sync(dev)
+    dt, x = timed(run, dev, 1, repeats)
     if not torch.isfinite(x).all():
         raise RuntimeError("sample is not finite")
-    return (time.perf_counter() - t0) / repeats
+    return dt
 
 
 def main(argv: list[str] | None = None) -> None:

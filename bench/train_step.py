@@ -164,6 +164,18 @@ def report(kind: str, **fields) -> None:
     print(kind, " ".join(f"{k}={fmt(v)}" for k, v in fields.items()), flush=True)
 
 
+def timed(fn, dev: torch.device, warmup: int, repeats: int):
+    """Mean seconds per call of fn after warm-up calls (device synced around the timed ones), and its last result."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    sync(dev)
+    return (time.perf_counter() - t0) / repeats, out
+
+
 def time_train(rec, arch, spec, dev, batch: int, text_len: int, steps: int, warmup: int, compile_: bool) -> dict:
     """Mean seconds per optimizer step after warm-up, and the peak memory of the whole run."""
     reset_memory(dev)
@@ -187,14 +199,7 @@ def time_train(rec, arch, spec, dev, batch: int, text_len: int, steps: int, warm
         opt.step()
         return loss
 
-    for _ in range(warmup):
-        step()
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync(dev)
-    dt = (time.perf_counter() - t0) / steps
+    dt, loss = timed(step, dev, warmup, steps)
     if not torch.isfinite(loss):
         raise RuntimeError(f"loss is {float(loss)}")
     return {"s_per_step": dt, "params_b": sum(p.numel() for p in params) / 1e9}
