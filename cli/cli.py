@@ -6,7 +6,7 @@ from importlib import import_module
 
 import typer
 
-from fusedit.errors import UserError
+from fusedit.errors import UserError, one_line
 
 # sub-command group name -> module holding a `typer.Typer` called `app`
 GROUPS = {
@@ -48,6 +48,13 @@ def _user_error_line(exc: BaseException) -> str | None:
     return None
 
 
+def _usage_line(exc) -> str:
+    """click's message plus where to look, instead of its multi-line usage banner."""
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return one_line(exc.format_message()) + hint
+
+
 def main(argv: list[str] | None = None) -> None:
     _register()
     try:
@@ -62,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, NoArgsIsHelpError):
             exc.show()
             sys.exit(0)
-        if isinstance(exc, ClickException):  # usage errors: bad or missing options
-            exc.show()
+        if isinstance(exc, ClickException):  # usage errors: bad or missing options, as one line
+            print(f"error: {_usage_line(exc)}", file=sys.stderr)
             sys.exit(2)
         if isinstance(exc, typer.Abort | KeyboardInterrupt):
             print("aborted", file=sys.stderr)
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         if line is None:
             print(f"fusedit: internal error ({type(exc).__name__}); traceback follows", file=sys.stderr)
             raise
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {one_line(line)}", file=sys.stderr)
         sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)

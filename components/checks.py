@@ -15,11 +15,11 @@ from typing import Any
 from PIL import Image, ImageFile
 
 from fusedit.components.filter_config import FilterConfig
-from fusedit.components.tario import Sample
+from fusedit.components.tario import Sample, unsafe_key
 
 # Reasons, in the order checks run. Decode failures feed the decode-failure rate.
 DECODE_REASONS = ("missing_image", "empty_image", "decode_error", "decompression_bomb", "member_too_large")
-REASONS = ("truncated_shard", "duplicate_key", *DECODE_REASONS, "too_small", "bad_aspect",
+REASONS = ("truncated_shard", "unsafe_key", "duplicate_key", *DECODE_REASONS, "too_small", "bad_aspect",
            "missing_caption", "invalid_utf8", "empty_caption", "caption_too_long",
            "exact_duplicate", "near_duplicate")
 _WS = re.compile(r"\s+")
@@ -43,6 +43,11 @@ class Judged:
         if self.image is None or self.image.mode == "RGB":
             return self.image
         return Image.open(io.BytesIO(self.image_data)).convert("RGB")
+
+
+def printable_key(key: str) -> str:
+    """The key as valid text for rows, rejects.jsonl and parquet: non-UTF-8 bytes of a tar name become \\xNN."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def normalize_text(text: str) -> str:
@@ -119,13 +124,15 @@ def judge(sample: Sample, shard: str, cfg: FilterConfig, tokenizer: Any = None) 
     """Decide one sample on its own (everything except cross-sample duplicates)."""
     cols = cfg.columns
     row: dict[str, Any] = {
-        "key": sample.key, "shard": shard, "index": sample.index, "width": None, "height": None,
+        "key": printable_key(sample.key), "shard": shard, "index": sample.index, "width": None, "height": None,
         "aspect": None, "mode": None, "format": None, "image_bytes": None, "caption": None,
         "caption_chars": None, "caption_tokens": None, "exact_hash": None, "phash": None,
         "converted": False, "duplicate_of": None, "decision": "rejected", "reason": None, "detail": "",
     }
     judged = Judged(row=row)
     try:
+        if why := unsafe_key(sample.key):
+            raise Reject("unsafe_key", f"key {sample.key!r}: {why}")
         if sample.duplicate_key:
             raise Reject("duplicate_key", f"key {sample.key!r} appeared earlier in the shard")
         if any(ext in cols.image for ext in sample.oversized):

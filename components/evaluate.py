@@ -23,7 +23,7 @@ from fusedit.components import storage
 from fusedit.components.evals import suite
 from fusedit.components.evals.base import SuiteContext, SuiteResult
 from fusedit.components.evals.sampling import Sampler, dist_env
-from fusedit.errors import UserError
+from fusedit.errors import UserError, read_yaml
 
 SAMPLING_KEYS = ("steps", "guidance", "seed", "resolution", "images_per_prompt", "synthetic_per_category",
                  "synthetic_seed", "limit", "dtype")
@@ -77,6 +77,8 @@ def local_pipeline(uri: str, cache: Path) -> Path:
             prefix = uri.rstrip("/") + "/"
             for obj in storage.list_uris(prefix):
                 target = dest / obj[len(prefix):]
+                if not target.resolve().is_relative_to(dest.resolve()):  # a key with '..' or a leading '/'
+                    raise UserError(f"--pipeline {uri}: object {obj!r} would be written outside {dest}")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(storage.read_bytes(obj))
         path = dest
@@ -179,12 +181,12 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
 def load_config(path: str, section: str | None = "eval", **overrides: Any) -> EvalConfig:
     """EvalConfig from a YAML file's section (e.g. params.yaml `eval:`), with CLI overrides on top."""
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = read_yaml(path, "config file") or {}
     for part in (section or "").split("."):
         if part:
             if not isinstance(data, dict) or part not in data:
                 raise UserError(f"{path}: no section '{section}'")
             data = data[part]
+    if not isinstance(data or {}, dict):
+        raise UserError(f"{path}: section '{section}' must be a mapping")
     return EvalConfig.model_validate({**(data or {}), **{k: v for k, v in overrides.items() if v is not None}})

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fusedit.errors import UserError
+from fusedit.errors import UserError, read_yaml
 
 
 class Columns(BaseModel):
@@ -113,12 +111,7 @@ def load_filter_config(path: str | None = None, section: str | None = None,
     """Defaults <- YAML file (optionally one dotted section of it) <- non-None overrides."""
     data: dict[str, Any] = {}
     if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as exc:
-            raise UserError(f"config file not found: {path}") from exc
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML: {exc}") from exc
+        loaded = read_yaml(path, "config file") or {}
         for part in (section.split(".") if section else []):
             if not isinstance(loaded, dict) or part not in loaded:
                 raise UserError(f"config file {path} has no section {section!r}")

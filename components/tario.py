@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from fusedit.errors import UserError
+
 BLOCK = 512
 _ZERO = bytes(BLOCK)
 
@@ -56,6 +58,13 @@ def _octal(field_: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+def _size(hdr: bytes, offset: int) -> int:
+    try:
+        return _octal(hdr[124:136])
+    except ValueError:
+        raise ShardError(f"has a corrupt size field in the header at byte {offset}") from None
+
+
 def _checksum_ok(hdr: bytes) -> bool:
     try:
         stored = _octal(hdr[148:156])
@@ -69,13 +78,17 @@ def _checksum_ok(hdr: bytes) -> bool:
 
 
 def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax header ("<len> <key>=<value>\\n" records); ShardError when malformed."""
     path = None
     pos = 0
     while pos < len(data):
         sp = data.find(b" ", pos)
-        if sp < 0:
-            break
-        length = int(data[pos:sp])
+        try:
+            length = int(data[pos:sp]) if sp > pos else 0
+        except ValueError:
+            length = 0
+        if length <= sp - pos or pos + length > len(data):  # also guards against a zero length looping forever
+            raise ShardError(f"has a malformed pax header record at offset {pos} of the header")
         rec = data[sp + 1: pos + length - 1]
         k, _, v = rec.partition(b"=")
         if k == b"path":
@@ -104,11 +117,19 @@ def iter_members(stream: BinaryIO, max_member_bytes: int) -> Iterator[tuple[str,
         if hdr[257:262] == b"ustar":
             prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             name = f"{prefix}/{name}" if prefix else name
-        size = _octal(hdr[124:136])
+        size = _size(hdr, offset)
         kind = hdr[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         offset += BLOCK
         regular = kind in (b"0", b"\0", b"7")
+        if kind in (b"x", b"L") and size > max_member_bytes:  # a name header this big is not a name
+            raise ShardError(f"has an oversized ({size} bytes) name header at byte {offset - BLOCK}")
+        if not regular and kind not in (b"x", b"L"):  # links, devices, directories: skipped, never read
+            if _skip(stream, padded) < padded:
+                raise ShardError(f"ends inside member {name!r} (truncated)")
+            offset += padded
+            next_name = None
+            continue
         if regular and size > max_member_bytes:
             if _skip(stream, padded) < padded:
                 raise ShardError(f"ends inside member {name!r} (truncated)")
@@ -125,11 +146,32 @@ def iter_members(stream: BinaryIO, max_member_bytes: int) -> Iterator[tuple[str,
             next_name = _pax_path(data) or next_name
         elif kind == b"L":
             next_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-        elif regular:
+        else:
             yield (next_name or name), data
             next_name = None
-        else:  # directories, links, global pax headers: not sample members
-            next_name = None
+
+
+def unsafe_key(key: str) -> str | None:
+    """Why a sample key must not become a path (a member name of a tar we write), or None when it may.
+
+    A key is a path fragment to whoever extracts our shards: an absolute key, a `..` component, a
+    backslash (a separator on Windows) or a control character could write outside their directory.
+    """
+    if not key:
+        return "the key is empty"
+    if key.startswith("/"):
+        return "the key is an absolute path"
+    if ".." in key.split("/"):
+        return "the key has a '..' component"
+    if "\\" in key:
+        return "the key has a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in key):
+        return "the key has control characters or bytes that are not UTF-8"
+    return None
+
+
+class UnsafeKeyError(UserError):
+    """A sample key that would escape the directory of whoever extracts the tar (see `unsafe_key`)."""
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -217,6 +259,10 @@ class TarSink:
         return start, len(blob)
 
     def write(self, key: str, members: dict[str, bytes]) -> tuple[int, int]:
+        """Append one sample; refuses keys and fields that are not safe relative paths."""
+        for name in (key, *(f"{key}.{ext}" for ext in members)):
+            if why := unsafe_key(name):
+                raise UnsafeKeyError(f"refusing to write tar member {name!r}: {why}")
         return self._put(b"".join(_member(f"{key}.{ext}", members[ext]) for ext in sorted(members)))
 
     def copy_raw(self, blob: bytes) -> tuple[int, int]:

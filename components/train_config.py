@@ -4,10 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fusedit.errors import UserError
+from fusedit.errors import UserError, read_yaml
 
 
 class Stage(BaseModel):
@@ -39,6 +38,8 @@ class Stage(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Stage:
+        if not self.name.strip("."):  # '.' or '..' would name the parent of the stage's output directory
+            raise ValueError(f"stage name '{self.name}' must not be only dots")
         if self.init_from == self.name:
             raise ValueError(f"stage '{self.name}': init_from names the stage itself")
         return self
@@ -71,7 +72,7 @@ def load_train_params(path: str | Path, section: str = "train") -> TrainParams:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"params file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = read_yaml(p, "params file") or {}
     for part in section.split("."):
         if not isinstance(data, dict) or part not in data:
             raise UserError(f"{p}: no '{section}' section")

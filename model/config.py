@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fusedit.errors import UserError
+from fusedit.errors import UserError, read_yaml
 
 Fusion = Literal["deep", "shallow"]
 AttentionKind = Literal["self", "cross"]
@@ -103,6 +103,8 @@ def recipe_names() -> list[str]:
 
 
 def _read_yaml(name_or_path: str) -> tuple[str, dict]:
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise UserError(f"recipe name must be a non-empty string (got {name_or_path!r})")
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = RECIPES_DIR / f"{name_or_path}.yaml"
@@ -110,10 +112,7 @@ def _read_yaml(name_or_path: str) -> tuple[str, dict]:
             raise UserError(f"unknown recipe '{name_or_path}' (known: {', '.join(recipe_names())})")
     elif not path.is_file():
         raise UserError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"recipe {path}: invalid YAML ({e})") from None
+    data = read_yaml(path, "recipe") or {}
     if not isinstance(data, dict):
         raise UserError(f"recipe {path}: expected a mapping at the top level")
     return str(path), data
@@ -144,13 +143,24 @@ def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict:
             if "=" not in o:
                 raise UserError(f"override '{o}' must look like field.path=value")
             key, value = o.split("=", 1)
-            items.append((key, yaml.safe_load(value)))
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                problem = getattr(exc, "problem", None) or exc
+                raise UserError(f"override '{o}': the value is not valid YAML ({problem})") from None
+            items.append((key, parsed))
     nested: dict = {}
     for key, value in items:
-        node = nested
         *parents, leaf = key.split(".")
+        if not all((*parents, leaf)):
+            raise UserError(f"override '{key}': empty field name in the dotted path")
+        node = nested
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{key}': '{p}' was already set to a value, not a section")
+        if isinstance(node.get(leaf), dict) and not isinstance(value, dict):
+            raise UserError(f"override '{key}' replaces a section that other overrides set fields of")
         node[leaf] = value
     return nested
 

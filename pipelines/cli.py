@@ -56,6 +56,37 @@ def _param(item: str) -> tuple[str, object]:
         return key, value
 
 
+# KFP IR parameter types -> the JSON values a run argument of that type may take
+_KINDS = {
+    "STRING": (str,), "NUMBER_INTEGER": (int,), "NUMBER_DOUBLE": (int, float), "BOOLEAN": (bool,),
+    "LIST": (list,), "STRUCT": (dict,),
+}
+
+
+def check_arguments(package: str, arguments: dict[str, object]) -> None:
+    """Every --param names a parameter of the compiled pipeline and has its type (else the server fails later)."""
+    import math
+
+    from fusedit.errors import read_yaml
+
+    spec = read_yaml(package, "pipeline package")
+    try:
+        params = spec["root"]["inputDefinitions"]["parameters"]
+    except (TypeError, KeyError):
+        raise UserError(f"{package}: not a compiled KFP pipeline (no root.inputDefinitions)") from None
+    for key, value in arguments.items():
+        if key not in params:
+            raise UserError(f"--param {key}: not a parameter of the pipeline (known: {', '.join(sorted(params))})")
+        kind = params[key].get("parameterType", "STRING")
+        ok = isinstance(value, _KINDS.get(kind, (object,)))
+        if isinstance(value, bool) and kind != "BOOLEAN":
+            ok = False
+        if isinstance(value, float) and not math.isfinite(value):
+            ok = False
+        if not ok:
+            raise UserError(f"--param {key}: expected {kind.lower().replace('_', ' ')}, got {value!r}")
+
+
 @app.command("submit")
 def submit(
     host: str = typer.Option(..., help="KFP API endpoint, e.g. http://localhost:8080"),
@@ -79,6 +110,7 @@ def submit(
     with tempfile.TemporaryDirectory() as tmp:
         path = str(package) if package else compile_workflow(os.path.join(tmp, "workflow.yaml"),
                                                             _options(variant, image, None, params, secret))
+        check_arguments(path, arguments)
         client = kfp.Client(host=host, namespace=namespace, existing_token=os.environ.get("KFP_TOKEN") or None)
         result = client.create_run_from_pipeline_package(
             path, arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace,
@@ -89,10 +121,14 @@ def submit(
 def tiny_params(doc: dict, steps: int, samples: int) -> dict:
     """A copy of a params document shrunk to a run of seconds per step (the stage list kept)."""
     doc = json.loads(json.dumps(doc))
-    doc["data"]["synth"].update(samples=samples, shard_size=max(samples // 2, 1))
-    for st in doc["train"]["stages"]:
-        st.update(steps=steps, batch_size=4, save_every=steps, log_every=1, sample_every=steps, warmup_steps=0)
-    doc["eval"].update(steps=1, batch_size=4, synthetic_per_category=1, images_per_prompt=1)
+    try:
+        doc["data"]["synth"].update(samples=samples, shard_size=max(samples // 2, 1))
+        for st in doc["train"]["stages"]:
+            st.update(steps=steps, batch_size=4, save_every=steps, log_every=1, sample_every=steps, warmup_steps=0)
+        doc["eval"].update(steps=1, batch_size=4, synthetic_per_category=1, images_per_prompt=1)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"params: needs data.synth, train.stages (a list of mappings) and eval "
+                        f"({type(exc).__name__}: {exc})") from None
     return doc
 
 
@@ -112,14 +148,14 @@ def run_local(
     samples: int = typer.Option(48, help="synthetic samples"),
 ) -> None:
     """Run the whole DAG on this machine through kfp.local (SubprocessRunner, this venv), tiny recipe."""
-    import yaml
     from kfp import local
 
+    from fusedit.errors import read_yaml
     from fusedit.pipelines.workflow import Options, build
 
     if not params.is_file():
         raise UserError(f"params file not found: {params}")
-    doc = tiny_params(yaml.safe_load(params.read_text()), steps, samples)
+    doc = tiny_params(read_yaml(params, "params file"), steps, samples)
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "root"),

@@ -10,14 +10,15 @@ key changes when the data behind an unchanged URI changes. Training is never cac
 """
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Model, Output
 
 from fusedit.components.train_config import TrainParams
+from fusedit.errors import UserError, read_yaml
 from fusedit.pipelines.cache import cache_op
 from fusedit.pipelines.data import filter_op, synth_op
 from fusedit.pipelines.evaluate import evaluate_op
@@ -80,22 +81,74 @@ class Options:
     params_doc: dict = field(default_factory=dict)  # loaded from `params` when empty
 
 
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DURATION = re.compile(r"^\d+(\.\d+)?s$")
+
+
+def check_options(opts: Options) -> None:
+    """Refuse compile-time choices the cluster would only reject at run time (or never notice)."""
+    if opts.variant not in VARIANTS:
+        raise UserError(f"variant must be one of {', '.join(VARIANTS)} (got {opts.variant!r})")
+    if opts.source not in SOURCES:
+        raise UserError(f"source must be one of {', '.join(SOURCES)} (got {opts.source!r})")
+    for name in ("image", "tpu_image"):
+        value = getattr(opts, name)
+        if not isinstance(value, str) or not value or any(c.isspace() or not c.isprintable() for c in value):
+            raise UserError(f"{name} must be a container image reference without spaces (got {value!r})")
+    if not isinstance(opts.secret, str) or len(opts.secret) > 253 or not _DNS_SUBDOMAIN.match(opts.secret):
+        raise UserError(f"secret must be a Kubernetes Secret name (lowercase DNS subdomain; got {opts.secret!r})")
+    for name in ("retries", "train_timeout_s", "step_timeout_s"):
+        value = getattr(opts, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "retries" else 1):
+            raise UserError(f"{name} must be a {'non-negative' if name == 'retries' else 'positive'} integer "
+                            f"(got {value!r})")
+    if not isinstance(opts.backoff, str) or not _DURATION.match(opts.backoff):
+        raise UserError(f"backoff must be a duration in seconds such as '60s' (got {opts.backoff!r})")
+
+
+def _params_doc(opts: Options) -> dict:
+    doc = opts.params_doc or read_yaml(opts.params, "params file")
+    if not isinstance(doc, dict) or not isinstance(doc.get("train"), dict):
+        raise UserError(f"params {opts.params}: needs a 'train:' section with the stage list")
+    for dotted in ("data", "data.synth", "data.filter", "eval", "model"):
+        node: object = doc
+        for part in dotted.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise UserError(f"params {opts.params}: '{dotted}' must be a mapping")
+    return doc
+
+
 def _text(value) -> str:
     # one line of JSON (which is YAML): the compiler copies defaults into a header comment, and a multi-line
     # default there would make the compiled file invalid YAML
     return json.dumps(value)
 
 
+def _number(section: dict, key: str, default, kind):
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
+        raise UserError(f"params: data.synth.{key} must be {'an integer' if kind is int else 'a number'} "
+                        f"(got {value!r})")
+    return kind(value)
+
+
 def _texts(doc: dict) -> dict:
     """Run-parameter defaults from a params document."""
     synth = doc.get("data", {}).get("synth", {})
     ev = dict(doc.get("eval", {}))
-    return {"recipe": doc.get("model", {}).get("recipe", "tiny"),
-            "samples": int(synth.get("samples", 2000)), "seed": int(synth.get("seed", 0)),
-            "shard_size": int(synth.get("shard_size", 500)), "bad_fraction": float(synth.get("bad_fraction", 0.1)),
+    recipe, suites = doc.get("model", {}).get("recipe", "tiny"), ev.pop("suites", ["synthetic"])
+    if not isinstance(recipe, str) or not recipe:
+        raise UserError(f"params: model.recipe must be a recipe name (got {recipe!r})")
+    if not isinstance(suites, list) or not all(isinstance(x, str) for x in suites):
+        raise UserError(f"params: eval.suites must be a list of suite names (got {suites!r})")
+    return {"recipe": recipe,
+            "samples": _number(synth, "samples", 2000, int), "seed": _number(synth, "seed", 0, int),
+            "shard_size": _number(synth, "shard_size", 500, int),
+            "bad_fraction": _number(synth, "bad_fraction", 0.1, float),
             "filter_config": _text(doc.get("data", {}).get("filter", {})),
             "train_params": _text({"train": doc["train"]}),
-            "eval_suites": list(ev.pop("suites", ["synthetic"])),
+            "eval_suites": list(suites),
             "eval_config": _text(ev)}
 
 
@@ -140,14 +193,15 @@ def _shards(opts: Options, source_uri, data_version, samples, seed, shard_size, 
 def build(opts: Options | None = None):
     """The workflow pipeline function for `opts` (compile it, or call it under kfp.local)."""
     opts = opts or Options()
-    if opts.variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS} (got '{opts.variant}')")
-    if opts.source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES} (got '{opts.source}')")
-    doc = opts.params_doc or yaml.safe_load(Path(opts.params).read_text())
+    check_options(opts)
+    doc = _params_doc(opts)
     d = _texts(doc)
     stages = TrainParams.model_validate(doc["train"]).stages
+    if not stages:
+        raise UserError(f"params {opts.params}: train.stages is empty")
     eval_stage = opts.eval_stage or stages[-1].name
+    if eval_stage not in {st.name for st in stages}:
+        raise UserError(f"eval_stage '{eval_stage}' is not a declared stage ({', '.join(st.name for st in stages)})")
     tpu = opts.variant == "tpu"
     selector0, tolerations0 = (TPU_NODE_SELECTOR, TPU_TOLERATIONS) if tpu else (GPU_NODE_SELECTOR, GPU_TOLERATIONS)
 
