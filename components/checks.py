@@ -25,6 +25,15 @@ REASONS = ("truncated_shard", "unsafe_key", "duplicate_key", *DECODE_REASONS, "t
 _WS = re.compile(r"\s+")
 
 
+# One stats row per sample; also the columns of an empty stats table (every shard broken or empty).
+EMPTY_ROW: dict[str, Any] = {
+    "key": None, "shard": None, "index": None, "width": None, "height": None,
+    "aspect": None, "mode": None, "format": None, "image_bytes": None, "caption": None,
+    "caption_chars": None, "caption_tokens": None, "exact_hash": None, "phash": None,
+    "converted": False, "duplicate_of": None, "decision": "rejected", "reason": None, "detail": "",
+}
+
+
 class Reject(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason, detail)
@@ -123,12 +132,7 @@ def phash(img: Image.Image) -> int:
 def judge(sample: Sample, shard: str, cfg: FilterConfig, tokenizer: Any = None) -> Judged:
     """Decide one sample on its own (everything except cross-sample duplicates)."""
     cols = cfg.columns
-    row: dict[str, Any] = {
-        "key": printable_key(sample.key), "shard": shard, "index": sample.index, "width": None, "height": None,
-        "aspect": None, "mode": None, "format": None, "image_bytes": None, "caption": None,
-        "caption_chars": None, "caption_tokens": None, "exact_hash": None, "phash": None,
-        "converted": False, "duplicate_of": None, "decision": "rejected", "reason": None, "detail": "",
-    }
+    row: dict[str, Any] = {**EMPTY_ROW, "key": printable_key(sample.key), "shard": shard, "index": sample.index}
     judged = Judged(row=row)
     try:
         if why := unsafe_key(sample.key):

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from fusedit.components import storage
-from fusedit.components.checks import DECODE_REASONS, REASONS, judge
+from fusedit.components.checks import DECODE_REASONS, EMPTY_ROW, REASONS, judge
 from fusedit.components.dedupe import mark_duplicates
 from fusedit.components.filter_config import FilterConfig
 from fusedit.components.tario import Sample, ShardError, TarSink, iter_samples
@@ -243,7 +243,8 @@ def _metrics(rows: list[dict[str, Any]], bad: list[dict[str, Any]], n_shards_in:
 def _stats_frame(rows: list[dict[str, Any]]):
     import pandas as pd
 
-    df = pd.DataFrame(rows).drop(columns=["tar_offset", "tar_length"], errors="ignore")
+    df = pd.DataFrame(rows, columns=None if rows else list(EMPTY_ROW)).drop(columns=["tar_offset", "tar_length"],
+                                                                           errors="ignore")
     for col in ("width", "height", "image_bytes", "caption_chars", "caption_tokens", "index"):
         df[col] = df[col].astype("Int64")
     df["aspect"] = df["aspect"].astype("Float64")

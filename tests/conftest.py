@@ -91,3 +91,45 @@ def s3_server():
         else:
             os.environ[k] = v
     server.stop()
+
+
+# ---------------------------------------------------------------- hypothesis: bounded in CI, counted per property
+# HYPOTHESIS_PROFILE=ci (the default) runs a bounded number of examples per property; =fuzz runs FUZZ_SCALE
+# times as many (e.g. a nightly job). Properties that start processes ask for fewer via `fuzz_examples(n)`.
+import os as _os  # noqa: E402
+from collections import Counter as _Counter  # noqa: E402
+
+from hypothesis import HealthCheck as _HealthCheck  # noqa: E402
+from hypothesis import settings as _hsettings  # noqa: E402
+
+FUZZ_SCALE = {"ci": 1, "fuzz": 25}
+_FUZZ_PROFILE = _os.environ.get("HYPOTHESIS_PROFILE", "ci")
+for _name, _scale in FUZZ_SCALE.items():
+    _hsettings.register_profile(_name, max_examples=40 * _scale, deadline=None, print_blob=True,
+                                suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large])
+_hsettings.load_profile(_FUZZ_PROFILE)
+FUZZ_CASES: _Counter[str] = _Counter()  # test node id -> examples it ran
+
+
+def fuzz_examples(n: int) -> int:
+    """`n` examples under the ci profile, scaled up under the fuzz profile."""
+    return n * FUZZ_SCALE.get(_FUZZ_PROFILE, 1)
+
+
+def fuzz_case() -> None:
+    """Count one example of the running property (called first thing in each property's body)."""
+    FUZZ_CASES[_os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print how many cases each property ran; also as JSON to $FUSEDIT_FUZZ_REPORT when set."""
+    if not FUZZ_CASES:
+        return
+    terminalreporter.section(f"fuzz cases per property (profile {_FUZZ_PROFILE})")
+    for node, n in sorted(FUZZ_CASES.items()):
+        terminalreporter.write_line(f"{n:6d}  {node}")
+    if path := _os.environ.get("FUSEDIT_FUZZ_REPORT"):
+        import json as _json
+
+        with open(path, "w") as f:
+            _json.dump({"profile": _FUZZ_PROFILE, "cases": dict(sorted(FUZZ_CASES.items()))}, f, indent=2)

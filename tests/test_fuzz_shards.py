@@ -1,0 +1,235 @@
+"""Property tests: shard parsing and the filter on hostile input never crash, hang or lose a sample.
+
+The tar reader must agree with Python's `tarfile` on every well-formed archive (USTAR, GNU long names,
+pax headers, links, devices, directories) and report anything else as a `ShardError`. The filter, fed random
+bytes as images, random text and invalid UTF-8 as captions, random keys (`../x`, absolute paths, control
+characters, non-UTF-8 names) and damaged tars, accounts for every sample: kept in an output shard whose member
+names are safe relative paths, or listed in rejects.jsonl with a known reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import signal
+import tarfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from fusedit.components.checks import REASONS
+from fusedit.components.filter import filter_shards
+from fusedit.components.filter_config import FilterConfig, QualityThresholds
+from fusedit.components.tario import ShardError, iter_members, iter_samples, split_name, unsafe_key
+from tests.conftest import fuzz_case, fuzz_examples
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int):
+    """Fail (instead of hanging the suite) when the body runs longer than `seconds`."""
+    def boom(*_):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ---------------------------------------------------------------- strategies
+
+KEY_PARTS = st.sampled_from(["a", "b", "x1", "dir/s", "..", "/etc/x", "../up", "a/../b", "\\win", "t\x01ab",
+                             "é", "long" * 40, "", "."])
+KEYS = st.one_of(KEY_PARTS, st.text(min_size=0, max_size=12), st.binary(max_size=8).map(
+    lambda b: b.decode("utf-8", "surrogateescape")))
+EXTS = st.sampled_from(["jpg", "png", "image.jpg", "txt", "synthetic_caption.txt", "json", "webp", "cls"])
+
+
+@st.composite
+def images(draw) -> bytes:
+    """A real image in a random format and mode, possibly cut or with flipped bytes, or plain random bytes."""
+    kind = draw(st.sampled_from(["image", "image", "cut", "flip", "random", "empty"]))
+    if kind == "random":
+        return draw(st.binary(max_size=300))
+    if kind == "empty":
+        return b""
+    w, h = draw(st.integers(1, 90)), draw(st.integers(1, 90))
+    mode = draw(st.sampled_from(["RGB", "L", "RGBA", "P", "1", "CMYK", "LA", "I;16"]))
+    fmt = draw(st.sampled_from(["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]))
+    buf = io.BytesIO()
+    img = Image.new(mode, (w, h), draw(st.integers(0, 255)))
+    try:
+        img.save(buf, fmt)
+    except (OSError, ValueError, KeyError):
+        img.convert("RGB").save(buf, fmt)
+    data = buf.getvalue()
+    if kind == "cut":
+        data = data[:draw(st.integers(0, max(len(data) - 1, 0)))]
+    elif kind == "flip" and data:
+        i = draw(st.integers(0, len(data) - 1))
+        data = data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
+    return data
+
+
+CAPTIONS = st.one_of(st.text(max_size=60).map(str.encode), st.binary(max_size=40),
+                     st.sampled_from([b"", b"   \n\t", b"\xff\xfe bad", b"ok caption", "x" * 3000]).map(
+                         lambda v: v if isinstance(v, bytes) else v.encode()))
+
+
+@st.composite
+def samples(draw) -> tuple[str, dict[str, bytes]]:
+    key = draw(KEYS)
+    members: dict[str, bytes] = {}
+    if draw(st.integers(0, 9)) > 0:
+        members[draw(st.sampled_from(["jpg", "png", "image.jpg", "webp"]))] = draw(images())
+    if draw(st.integers(0, 9)) > 0:
+        members[draw(st.sampled_from(["synthetic_caption.txt", "txt"]))] = draw(CAPTIONS)
+    if draw(st.booleans()):
+        members[draw(EXTS)] = draw(st.binary(max_size=20))
+    return key, members
+
+
+def raw_tar(entries: list[tuple[str, bytes, bytes]], fmt: int) -> bytes:
+    """A tar written by Python's tarfile: (name, type, data) with regular files, links, devices and dirs."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape") as t:
+        for name, kind, data in entries:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = "../../etc/passwd"
+            if kind in (tarfile.REGTYPE, tarfile.CONTTYPE):
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+            else:
+                t.addfile(info)
+    return buf.getvalue()
+
+
+def expected_samples(items: list[tuple[str, dict[str, bytes]]]) -> int:
+    """Sample count by the WebDataset rule: consecutive members with one key form a sample until a field repeats."""
+    n, key, fields = 0, None, set()
+    for k, members in items:
+        for ext in members:
+            mk, me = split_name(f"{k}.{ext}")
+            if mk != key or me in fields:
+                n, key, fields = n + 1, mk, set()
+            fields.add(me)
+    return n
+
+
+def sample_tar(items: list[tuple[str, dict[str, bytes]]], fmt: int) -> bytes:
+    return raw_tar([(f"{k}.{ext}", tarfile.REGTYPE, data) for k, m in items for ext, data in m.items()], fmt)
+
+
+FORMATS = st.sampled_from([tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+KINDS = st.sampled_from([tarfile.REGTYPE, tarfile.REGTYPE, tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
+                         tarfile.DIRTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE, tarfile.CONTTYPE])
+NAMES = st.one_of(st.builds(lambda k, e: f"{k}.{e}", KEYS, EXTS), st.text(min_size=1, max_size=150))
+
+
+@st.composite
+def damaged(draw, blob: bytes) -> bytes:
+    """The archive cut short, with flipped bytes, with garbage appended, or left alone."""
+    how = draw(st.sampled_from(["none", "cut", "flip", "append", "zero-header-size"]))
+    if how == "cut":
+        return blob[:draw(st.integers(0, len(blob) - 1))]
+    if how == "flip":
+        i = draw(st.integers(0, len(blob) - 1))
+        return blob[:i] + bytes([blob[i] ^ draw(st.integers(1, 255))]) + blob[i + 1:]
+    if how == "append":
+        return blob + draw(st.binary(min_size=1, max_size=1200))
+    if how == "zero-header-size":  # a pax header whose record claims length 0 (once looped forever)
+        body = b"0 path=x\n"
+        hdr = bytearray(tarfile.TarInfo("././@PaxHeader").tobuf(tarfile.USTAR_FORMAT))
+        hdr[156:157] = b"x"
+        hdr[124:136] = b"%011o\0" % len(body)
+        hdr[148:156] = b" " * 8
+        hdr[148:156] = b"%06o\0 " % sum(hdr)
+        return bytes(hdr) + body + bytes(-len(body) % 512) + blob
+    return blob
+
+
+# ---------------------------------------------------------------- the tar reader
+
+@settings(max_examples=fuzz_examples(150))
+@given(st.binary(max_size=3000), st.integers(1, 4096))
+def test_reader_random_bytes_yield_samples_or_shard_error(blob, limit):
+    fuzz_case()
+    with no_hang(20):
+        try:
+            for s in iter_samples(io.BytesIO(blob), max_member_bytes=limit):
+                assert isinstance(s.key, str)
+        except ShardError:
+            pass
+
+
+@settings(max_examples=fuzz_examples(100))
+@given(st.lists(st.tuples(NAMES, KINDS, st.binary(max_size=700)), max_size=6), FORMATS, st.data())
+def test_reader_agrees_with_tarfile_and_reports_damage(entries, fmt, data):
+    """Undamaged: exactly tarfile's regular files, in order; links, devices and dirs never become members."""
+    fuzz_case()
+    blob = raw_tar(entries, fmt)
+    broken = data.draw(damaged(blob))
+    with no_hang(20):
+        try:
+            got = list(iter_members(io.BytesIO(broken), max_member_bytes=1 << 20))
+        except ShardError:
+            got = None
+    if broken == blob:
+        with tarfile.open(fileobj=io.BytesIO(blob), encoding="utf-8", errors="surrogateescape") as t:
+            want = [(m.name, t.extractfile(m).read()) for m in t.getmembers() if m.isreg()]
+        assert got is not None and [(n.rstrip("/"), d) for n, d in got] == [(n.rstrip("/"), d) for n, d in want]
+
+
+# ---------------------------------------------------------------- the filter
+
+def _run_filter(root: Path, shards: list[bytes]) -> tuple[dict, list[dict], list[bytes]]:
+    src = root / "in"
+    src.mkdir()
+    for i, blob in enumerate(shards):
+        (src / f"s-{i:03d}.tar").write_bytes(blob)
+    cfg = FilterConfig(input=str(src), output=str(root / "out"), min_side=4, workers=1, report=False,
+                       dedupe_near=False, max_member_bytes=4096, samples_per_shard=5,
+                       quality=QualityThresholds(max_reject_rate=1, max_duplicate_rate=1, max_decode_failure_rate=1))
+    with no_hang(60):
+        filter_shards(cfg)
+    out = root / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    tars = [p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))]
+    return metrics, rejects, tars
+
+
+@settings(max_examples=fuzz_examples(40), suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(st.lists(samples(), min_size=1, max_size=4), min_size=1, max_size=3), FORMATS, st.data())
+def test_filter_keeps_or_rejects_every_sample_with_a_reason(tmp_path_factory, shards, fmt, data):
+    fuzz_case()
+    blobs = [data.draw(damaged(sample_tar(items, fmt))) if data.draw(st.integers(0, 3)) == 0
+             else sample_tar(items, fmt) for items in shards]
+    intact = [b == sample_tar(items, fmt) for b, items in zip(blobs, shards, strict=True)]
+    metrics, rejects, tars = _run_filter(tmp_path_factory.mktemp("f"), blobs)
+
+    assert metrics["n_in"] == metrics["n_kept"] + metrics["n_rejected"]
+    sample_rejects = [r for r in rejects if r["reason"] != "bad_shard"]
+    assert len(sample_rejects) == metrics["n_rejected"]
+    assert all(r["reason"] in REASONS and r["detail"] for r in sample_rejects)
+    assert sum(r["reason"] == "bad_shard" for r in rejects) == metrics["n_bad_shards"] <= intact.count(False)
+    if all(intact):  # every written sample is counted exactly once
+        assert metrics["n_in"] == sum(expected_samples(items) for items in shards)
+
+    kept_keys = []
+    for blob in tars:
+        with tarfile.open(fileobj=io.BytesIO(blob)) as t:
+            for m in t.getmembers():
+                assert m.isreg() and unsafe_key(m.name) is None, m.name
+                kept_keys.append(m.name.split(".")[0])
+                assert not Path(m.name).is_absolute() and ".." not in Path(m.name).parts
+    assert len(set(kept_keys)) <= metrics["n_kept"] and (metrics["n_kept"] == 0) == (not kept_keys)
+    unsafe = [r for r in sample_rejects if r["reason"] == "unsafe_key"]
+    assert all(r["key"] is not None for r in unsafe)
