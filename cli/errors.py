@@ -21,8 +21,11 @@ def one_line(text: str, limit: int = 2000) -> str:
     return out if len(out) <= limit else out[:limit] + "..."
 
 
-def read_yaml(path: str | Path, what: str) -> Any:
-    """Parse a YAML file the user named; every way it can be unreadable is a UserError naming it."""
+def read_yaml(path: str | Path, what: str, first_of_many: bool = False) -> Any:
+    """Parse a YAML file the user named; every way it can be unreadable is a UserError naming it.
+
+    `first_of_many`: the file may hold several documents (a compiled KFP pipeline); return the first.
+    """
     import yaml
 
     p = Path(path)
@@ -37,7 +40,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
     except OSError as exc:
         raise UserError(f"{what} {p} cannot be read ({exc.strerror or exc})") from None
     try:
-        return yaml.safe_load(text)
+        return next(yaml.safe_load_all(text), None) if first_of_many else yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

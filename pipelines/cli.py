@@ -2,10 +2,12 @@
 
 kfp.Client contacts the server as soon as it is built, so it is built only inside `submit`.
 """
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import typer
@@ -56,10 +58,11 @@ def _param(item: str) -> tuple[str, object]:
         return key, value
 
 
-# KFP IR parameter types -> the JSON values a run argument of that type may take
+# KFP IR parameter types -> the JSON values a run argument of that type may take, and their name in errors
 _KINDS = {
-    "STRING": (str,), "NUMBER_INTEGER": (int,), "NUMBER_DOUBLE": (int, float), "BOOLEAN": (bool,),
-    "LIST": (list,), "STRUCT": (dict,),
+    "STRING": ((str,), "a string"), "NUMBER_INTEGER": ((int,), "an integer"),
+    "NUMBER_DOUBLE": ((int, float), "a number"), "BOOLEAN": ((bool,), "true or false"),
+    "LIST": ((list,), "a JSON list"), "STRUCT": ((dict,), "a JSON object"),
 }
 
 
@@ -69,7 +72,7 @@ def check_arguments(package: str, arguments: dict[str, object]) -> None:
 
     from fusedit.errors import read_yaml
 
-    spec = read_yaml(package, "pipeline package")
+    spec = read_yaml(package, "pipeline package", first_of_many=True)
     try:
         params = spec["root"]["inputDefinitions"]["parameters"]
     except (TypeError, KeyError):
@@ -77,14 +80,29 @@ def check_arguments(package: str, arguments: dict[str, object]) -> None:
     for key, value in arguments.items():
         if key not in params:
             raise UserError(f"--param {key}: not a parameter of the pipeline (known: {', '.join(sorted(params))})")
-        kind = params[key].get("parameterType", "STRING")
-        ok = isinstance(value, _KINDS.get(kind, (object,)))
-        if isinstance(value, bool) and kind != "BOOLEAN":
+        types, wanted = _KINDS.get(params[key].get("parameterType", "STRING"), ((object,), "any value"))
+        ok = isinstance(value, types)
+        if isinstance(value, bool) and bool not in types:
             ok = False
         if isinstance(value, float) and not math.isfinite(value):
             ok = False
         if not ok:
-            raise UserError(f"--param {key}: expected {kind.lower().replace('_', ' ')}, got {value!r}")
+            raise UserError(f"--param {key}: expected {wanted}, got {value!r}")
+
+
+@contextlib.contextmanager
+def _kfp_errors(host: str):
+    """An unreachable server or a refusal (auth, validation) is the user's to fix: one line naming the host."""
+    from kfp_server_api.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        yield
+    except ApiException as exc:
+        raise UserError(f"KFP API at {host} refused the request: HTTP {exc.status} {exc.reason}") from None
+    except (HTTPError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise UserError(f"cannot reach the KFP API at {host}: {reason}") from None
 
 
 @app.command("submit")
@@ -111,10 +129,12 @@ def submit(
         path = str(package) if package else compile_workflow(os.path.join(tmp, "workflow.yaml"),
                                                             _options(variant, image, None, params, secret))
         check_arguments(path, arguments)
-        client = kfp.Client(host=host, namespace=namespace, existing_token=os.environ.get("KFP_TOKEN") or None)
-        result = client.create_run_from_pipeline_package(
-            path, arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace,
-            service_account=service_account)
+        with _kfp_errors(host), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "This client only works with", FutureWarning)  # kfp's version notice
+            client = kfp.Client(host=host, namespace=namespace, existing_token=os.environ.get("KFP_TOKEN") or None)
+            result = client.create_run_from_pipeline_package(
+                path, arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace,
+                service_account=service_account)
     typer.echo(f"run {result.run_id} submitted to {host} (experiment '{experiment}')")
 
 
