@@ -1,11 +1,19 @@
-"""The one DiT block: image queries attend to [text K/V ; image K/V] in a single attention call."""
+"""The one DiT block: image queries attend to [text K/V ; image K/V] in a single attention call.
+
+Padded text is a key mask. Its form picks the kernel (`attend`): a boolean tensor goes to SDPA (which
+then cannot use its flash kernel), a FlexAttention `BlockMask` built once per forward from the same
+key validity goes to FlexAttention (fused, skips fully padded blocks), None (nothing padded) to SDPA
+without a mask. `KEY_MASKS` names the two ways to build the mask from (B, S) key validity.
+"""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from fusedit.model.conditioning import CONDITIONING
 from fusedit.model.layers import GeGLU, modulate, norm_or_identity
@@ -13,11 +21,57 @@ from fusedit.model.positions import Rope
 
 
 class TextKV(NamedTuple):
-    """Text keys/values (B, kv_heads, T, head_dim) and the SDPA key mask for this use (None = all valid)."""
+    """Text keys/values (B, kv_heads, T, head_dim) and the key mask for this use (None = all valid)."""
 
     k: torch.Tensor
     v: torch.Tensor
-    mask: torch.Tensor | None
+    mask: torch.Tensor | BlockMask | None
+
+
+def dense_key_mask(valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, S) key validity -> SDPA's broadcast boolean mask (B, 1, 1, S)."""
+    return valid[:, None, None]
+
+
+def block_key_mask(valid: torch.Tensor, q_len: int) -> BlockMask | torch.Tensor:
+    """(B, S) key validity -> FlexAttention BlockMask over (q_len, S), shared by every head and layer.
+
+    FlexAttention has no CPU backward: a CPU forward that records gradients gets the dense mask (SDPA).
+    """
+    if valid.device.type == "cpu" and torch.is_grad_enabled():
+        return dense_key_mask(valid, q_len)
+
+    def key_is_valid(b, h, q, kv):
+        return valid[b, kv]
+
+    return create_block_mask(key_is_valid, valid.shape[0], None, q_len, valid.shape[1], device=valid.device)
+
+
+# attention kernel name -> how the key mask is built (the mask's type then selects the kernel in `attend`)
+KEY_MASKS: dict[str, Callable[[torch.Tensor, int], torch.Tensor | BlockMask]] = {
+    "sdpa": dense_key_mask,
+    "flex": block_key_mask,
+}
+_COMPILED_FLEX = []
+
+
+def _flex(q, k, v, mask: BlockMask) -> torch.Tensor:
+    """FlexAttention, compiled on GPU (eager it materialises the scores); one dtype, autocast's when it is on."""
+    dev = q.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    fn = flex_attention
+    if dev != "cpu":
+        if not _COMPILED_FLEX:
+            _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+        fn = _COMPILED_FLEX[0]
+    return fn(q.to(dt), k.to(dt), v.to(dt), block_mask=mask, enable_gqa=True)
+
+
+def attend(q, k, v, mask: torch.Tensor | BlockMask | None) -> torch.Tensor:
+    """Attention of q (B, H, Nq, hd) over k/v (B, kv_heads, S, hd); GQA by head groups."""
+    if isinstance(mask, BlockMask):
+        return _flex(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -46,7 +100,7 @@ class Attention(nn.Module):
         k = rope(self.k_norm(_heads(self.to_k(x), self.head_dim)))
         v = _heads(self.to_v(x), self.head_dim)
         k, v = torch.cat([text.k.to(k.dtype), k], dim=2), torch.cat([text.v.to(v.dtype), v], dim=2)
-        return self.to_out(_merge(F.scaled_dot_product_attention(q, k, v, text.mask, enable_gqa=True)))
+        return self.to_out(_merge(attend(q, k, v, text.mask)))
 
 
 class CrossAttention(nn.Module):
@@ -62,7 +116,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, text: TextKV) -> torch.Tensor:
         q = self.q_norm(_heads(self.to_q(x), self.head_dim))
         k, v = text.k.to(q.dtype), text.v.to(q.dtype)
-        return x + self.to_out(_merge(F.scaled_dot_product_attention(q, k, v, text.mask, enable_gqa=True)))
+        return x + self.to_out(_merge(attend(q, k, v, text.mask)))
 
 
 class NoCrossAttention(nn.Module):

@@ -44,19 +44,44 @@ class RectifiedFlow:
 
     @torch.no_grad()
     def sample(self, model: Denoiser, cond: TextContext, uncond: TextContext | None, noise: torch.Tensor,
-               steps: int | None = None, guidance: float | None = None) -> torch.Tensor:
-        """Euler ODE from noise to x0 with classifier-free guidance uncond + g * (cond - uncond)."""
+               steps: int | None = None, guidance: float | None = None, batched: bool = True) -> torch.Tensor:
+        """Euler ODE from noise to x0 with classifier-free guidance uncond + g * (cond - uncond).
+
+        batched: both guidance halves in one forward over [uncond ; cond] (else two forwards, same result).
+        """
         steps = steps or self.cfg.sample_steps
         guidance = self.cfg.guidance if guidance is None else guidance
-        use_cfg = uncond is not None and guidance != 1.0
-        text = TextContext.cat([uncond, cond]) if use_cfg else cond
+        kind = ("batched" if batched else "separate") if uncond is not None and guidance != 1.0 else "none"
+        velocity = GUIDANCE[kind](model, cond, uncond, guidance)
         self.scheduler.set_timesteps(steps, device=noise.device)
         x = noise
         for t in self.scheduler.timesteps:
-            inp = torch.cat([x, x]) if use_cfg else x
-            v = model(inp, t.expand(inp.shape[0]).to(noise.device), text).to(x.dtype)
-            if use_cfg:
-                v_u, v_c = v.chunk(2)
-                v = v_u + guidance * (v_c - v_u)
+            v = velocity(x, t.expand(x.shape[0]).to(noise.device))
             x = self.scheduler.step(v, t, x, return_dict=False)[0]
         return x
+
+
+def _unguided(model: Denoiser, cond: TextContext, uncond, guidance: float):
+    return lambda x, t: model(x, t, cond).to(x.dtype)
+
+
+def _batched(model: Denoiser, cond: TextContext, uncond: TextContext, guidance: float):
+    both = TextContext.cat([uncond, cond])  # made once: the key mask is then built once for all steps
+
+    def velocity(x, t):
+        v_u, v_c = model(torch.cat([x, x]), torch.cat([t, t]), both).to(x.dtype).chunk(2)
+        return v_u + guidance * (v_c - v_u)
+
+    return velocity
+
+
+def _separate(model: Denoiser, cond: TextContext, uncond: TextContext, guidance: float):
+    def velocity(x, t):
+        v_u = model(x, t, uncond).to(x.dtype)
+        return v_u + guidance * (model(x, t, cond).to(x.dtype) - v_u)
+
+    return velocity
+
+
+# guidance kind -> (model, cond, uncond, guidance) -> velocity(x, t)
+GUIDANCE = {"none": _unguided, "batched": _batched, "separate": _separate}

@@ -1,6 +1,7 @@
 """The denoiser: patchify -> conditioning -> DiT blocks over [text K/V ; image] -> unpatchify."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -9,7 +10,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from fusedit.model.block import DiTBlock, TextKV, _heads
+from fusedit.errors import UserError
+from fusedit.model.block import KEY_MASKS, DiTBlock, TextKV, _heads
 from fusedit.model.conditioning import CONDITIONING
 from fusedit.model.config import DiTArch, TextSpec
 from fusedit.model.layers import RMSNorm, norm_or_identity
@@ -54,25 +56,40 @@ class ContextEmbedder(nn.Module):
         return replace(text, states=self.proj(self.norm(text.states)))
 
 
-class Masks(NamedTuple):
-    joint: torch.Tensor | None  # keys [text ; image]
-    cross: torch.Tensor | None  # keys [text]
+def _joint_route(k, v, mask, empty: TextKV) -> tuple[TextKV, TextKV]:
+    return TextKV(k, v, mask), empty
 
 
-def _joint_route(k, v, masks: Masks, empty: TextKV) -> tuple[TextKV, TextKV]:
-    return TextKV(k, v, masks.joint), empty
+def _cross_route(k, v, mask, empty: TextKV) -> tuple[TextKV, TextKV]:
+    return empty, TextKV(k, v, mask)
 
 
-def _cross_route(k, v, masks: Masks, empty: TextKV) -> tuple[TextKV, TextKV]:
-    return empty, TextKV(k, v, masks.cross)
+def _joint_keys(text_mask: torch.Tensor, n_image: int) -> torch.Tensor:
+    """Keys are [text ; image]: padded text keys are invalid, image keys always valid."""
+    return torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], n_image)], 1)
 
 
-# attention kind -> (text K/V for the self-attention, text K/V for the cross-attention)
-ROUTES = {"self": _joint_route, "cross": _cross_route}
+def _text_keys(text_mask: torch.Tensor, n_image: int) -> torch.Tensor:
+    return text_mask
+
+
+class Route(NamedTuple):
+    keys: Callable[[torch.Tensor, int], torch.Tensor]  # (B, T) text mask, image tokens -> (B, S) key validity
+    split: Callable  # (k, v, mask, empty) -> (text K/V for the self-attention, for the cross-attention)
+
+
+# attention kind -> where the text K/V go and which keys their mask covers
+ROUTES = {"self": Route(_joint_keys, _joint_route), "cross": Route(_text_keys, _cross_route)}
 
 
 class FuseDiTTransformer(ModelMixin, ConfigMixin):
-    """DiT over image patches whose attention reads text K/V; deep or shallow fusion is where they come from."""
+    """DiT over image patches whose attention reads text K/V; deep or shallow fusion is where they come from.
+
+    Runtime settings that change speed, not results: `use_attention_kernel("sdpa" | "flex")` and diffusers'
+    `enable_gradient_checkpointing()` (each block recomputed in the backward).
+    """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(self, arch: dict, text: dict, sample_size: int = 64):
@@ -95,6 +112,27 @@ class FuseDiTTransformer(ModelMixin, ConfigMixin):
         self.out_norm = out(d)
         self.proj_out = nn.Linear(d, a.in_channels * p * p)
         self._init_weights()
+        self.gradient_checkpointing = False
+        self.attention_kernel = "sdpa"
+        self._mask_memo: tuple = ()
+
+    def use_attention_kernel(self, name: str) -> FuseDiTTransformer:
+        if name not in KEY_MASKS:
+            raise UserError(f"attention kernel '{name}' is not one of {', '.join(KEY_MASKS)}")
+        self.attention_kernel, self._mask_memo = name, ()
+        return self
+
+    def _key_mask(self, text: TextContext, n_image: int):
+        """The key mask every layer shares; reused while the same text mask comes back (sampling steps)."""
+        if text.all_valid:
+            return None
+        grad = torch.is_grad_enabled()
+        memo = self._mask_memo
+        if memo and memo[0] is text.mask and memo[1:3] == (n_image, grad):
+            return memo[3]
+        mask = KEY_MASKS[self.attention_kernel](self.route.keys(text.mask, n_image), n_image)
+        self._mask_memo = (text.mask, n_image, grad, mask)
+        return mask
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -135,11 +173,14 @@ class FuseDiTTransformer(ModelMixin, ConfigMixin):
         tokens = tokens + cond.tokens
 
         feats = self.context(text)
-        masks = Masks(None, None) if text.all_valid else Masks(
-            torch.cat([text.mask, text.mask.new_ones(x.shape[0], h * w)], 1)[:, None, None], text.mask[:, None, None])
+        mask = self._key_mask(text, h * w)
         empty_k = tokens.new_zeros(x.shape[0], a.num_kv_heads, 0, a.head_dim)
         empty = TextKV(empty_k, empty_k, None)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for source, block in zip(self.text_in, self.blocks, strict=True):
-            joint, cross = self.route(*source(feats), masks, empty)
-            tokens = block(tokens, cond.layers, joint, cross, rope)
+            joint, cross = self.route.split(*source(feats), mask, empty)
+            if checkpointed:
+                tokens = self._gradient_checkpointing_func(block, tokens, cond.layers, joint, cross, rope)
+            else:
+                tokens = block(tokens, cond.layers, joint, cross, rope)
         return self.unpatchify(self.proj_out(self.out_norm(tokens, cond.final)), h, w)
