@@ -194,6 +194,8 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     arch, spec = resolve(m, llm_config_for(m.llm))
     torch.manual_seed(seed)
     dit = FuseDiTTransformer(arch.model_dump(), spec.model_dump(), sample_size=m.latent_size)
+    if st.activation_checkpointing:  # recompute each block in the backward: less memory, a bigger batch fits
+        dit.enable_gradient_checkpointing()
     train_llm = st.trains == "dit+llm"
 
     from fusedit.components.features import open_features
