@@ -325,13 +325,15 @@ def remove(uri: str) -> None:
 
 
 def publish(local_dir: str, dest: str, manifest_name: str = "manifest.json",
-            manifest: dict[str, Any] | None = None) -> None:
+            manifest: dict[str, Any] | None = None, last: tuple[str, ...] = ()) -> None:
     """Publish a finished local directory to a local or S3 destination: data first, manifest last.
 
     Locally each file is renamed into place; the manifest (if given) is written after everything else,
-    so readers that wait for it never see a half-published output.
+    so readers that wait for it never see a half-published output. `last` names files (relative
+    paths) that readers take as the sign of a whole output; they go after the other data files.
     """
     files = [p for p in list_uris(local_dir) if os.path.basename(p) != manifest_name]
+    files.sort(key=lambda p: os.path.relpath(p, local_dir).replace(os.sep, "/") in last)
     for path in files:
         rel = os.path.relpath(path, local_dir)
         target = join(dest, *rel.split(os.sep))

@@ -262,7 +262,8 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
         opt_state = distributed.optimizer_state(model, opt, d)
         if d.main:
             checkpoint.save(ckpt_root, step, tensors, {"optimizer": opt_state, "scheduler": sched.state_dict()},
-                            {"stage": st.name, "recipe": rec.name, "seed": seed, "world": d.world}, st.keep_last)
+                            {"stage": st.name, "recipe": rec.name, "seed": seed, "world": d.world,
+                             "loss": loss_val}, st.keep_last)
             logs.flush()
         distributed.barrier(d)
 
@@ -314,13 +315,15 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
                 save(step + 1)
             if sigterm.set and step + 1 < st.steps:
                 raise Preempted(f"stage '{st.name}': SIGTERM, checkpoint committed at step {step + 1}")
+    if start == st.steps and resume is not None:  # a rerun after the last save: only the export is left
+        loss_val = float(resume.meta.get("loss", loss_val))
     result = TrainResult(output, st.name, start, st.steps, loss_val,
                          seen * d.world / max(time.perf_counter() - t0, 1e-9),
                          sum(p.numel() for p in dit.parameters()), sum(p.numel() for p in llm_params), d.world)
     final = weights()
     if d.main:
         sampler.export(ema.shadow, final.get("llm"), output, st.steps, logs)
-        (logs.root / "metrics.json").write_text(json.dumps(asdict(result), indent=2))
+        storage.write_bytes(str(logs.root / "metrics.json"), json.dumps(asdict(result), indent=2).encode())
         logs.close()
         if logs.remote:
             storage.write_json(storage.join(output, "metrics.json"), asdict(result))
@@ -357,13 +360,24 @@ class _Sampler:
         return path
 
     def export(self, ema: dict[str, torch.Tensor], llm: dict | None, output: str, step: int, logs: _Logs) -> None:
-        """The EMA weights as a diffusers-style pipeline, plus the final sample grid."""
+        """The EMA weights as a diffusers-style pipeline, plus the final sample grid.
+
+        The pipeline is written beside its final name and renamed into place (on S3 its
+        model_index.json goes last), so a killed export never leaves a pipeline that looks whole.
+        """
         grid = self.grid(ema, step, logs, llm)
         local = output if not storage.is_s3(output) else str(self.root / "export")
-        self.pipe.save_pretrained(os.path.join(local, "pipeline"))
-        shutil.copyfile(grid, os.path.join(local, "samples.png"))
+        final = os.path.join(local, "pipeline")
+        for stale in (final + ".part", final + ".old"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.pipe.save_pretrained(final + ".part")
+        if os.path.isdir(final):
+            os.replace(final, final + ".old")
+        os.replace(final + ".part", final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        storage.upload_file(str(grid), os.path.join(local, "samples.png"))
         if storage.is_s3(output):
-            storage.publish(local, output)
+            storage.publish(local, output, last=("pipeline/model_index.json",))
 
 
 def _resume_rows(path: Path, start: int) -> list[tuple]:
