@@ -29,6 +29,19 @@ class Dist:
         return self.rank == 0
 
 
+
+def parse_device(name: str) -> torch.device:
+    """A --device value as a torch device; a misspelt or absent one is the user's error, named."""
+    from fusedit.errors import UserError
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise UserError(f"--device {name!r} is not a torch device ({str(exc).splitlines()[0]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
 def setup(device: str | None, strategy: Strategy = "auto") -> Dist:
     """Read torchrun's environment; start the process group when there are several ranks.
 
@@ -43,7 +56,7 @@ def setup(device: str | None, strategy: Strategy = "auto") -> Dist:
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = parse_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world == 1:

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fusedit.components import storage
+from fusedit.components.distributed import parse_device
 from fusedit.components.evals import suite
 from fusedit.components.evals.base import SuiteContext, SuiteResult
 from fusedit.components.evals.sampling import Sampler, dist_env
@@ -150,7 +151,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     main = rank == 0
     root = Path(config.output)
     path = local_pipeline(config.pipeline, root / ".pipeline")
-    device = torch.device(config.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(config.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     pipe = load_pipeline(path, device, _dtype(config.dtype, device))
     sampler = Sampler(pipe, config.steps, config.guidance, config.batch_size, config.resolution, rank, world,
                       config.progress and main)

@@ -19,7 +19,9 @@ IMAGE_MEMBERS = ("image.jpg", "jpg", "jpeg", "png", "webp")
 
 
 def pick_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from fusedit.components.distributed import parse_device
+
+    return parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def preprocess(data: bytes, resolution: int) -> torch.Tensor:
