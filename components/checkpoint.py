@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import dataclass
@@ -22,10 +23,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fusedit.components import storage
+from fusedit.errors import UserError
 
 log = logging.getLogger(__name__)
 MARKER = "COMMITTED"
 _STEP = re.compile(r"step-(\d+)$")
+
+
+class UnsafeCheckpointError(UserError):
+    """A committed file whose bytes verify but would need full unpickling (arbitrary code) to load."""
 
 
 @dataclass
@@ -94,7 +100,12 @@ def _load_step(root: str, step: int) -> Checkpoint:
         if name.endswith(".safetensors"):
             tensors[name.removesuffix(".safetensors")] = st_load(data)
         elif name.endswith(".pt"):
-            objects[name.removesuffix(".pt")] = torch.load(io.BytesIO(data), weights_only=True)
+            try:
+                objects[name.removesuffix(".pt")] = torch.load(io.BytesIO(data), weights_only=True)
+            except pickle.UnpicklingError as exc:  # verified bytes that are not plain state: made elsewhere
+                raise UnsafeCheckpointError(
+                    f"{dest}/{name}: refused: it holds objects other than tensors and plain containers, so "
+                    f"unpickling it could run code ({str(exc).strip().splitlines()[0][:160]})") from None
         else:
             meta = json.loads(data)
     return Checkpoint(step, dest, tensors, objects, meta)
@@ -107,6 +118,8 @@ def load_latest(root: str) -> Checkpoint | None:
             return _load_step(root, step)
         except FileNotFoundError:
             log.warning("checkpoint step %d under %s has no commit marker: skipped", step, root)
+        except UnsafeCheckpointError:
+            raise  # not a torn write (its checksums match): never fall back past a tampered checkpoint
         except Exception as e:  # noqa: BLE001 - any unreadable step is skipped, the reason logged
             log.warning("checkpoint step %d under %s is unreadable (%s): skipped", step, root, e)
     return None

@@ -110,7 +110,7 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype):
     from fusedit.model.pipeline import FuseDiTPipeline
 
     try:
-        pipe = FuseDiTPipeline.from_pretrained(str(path), dtype=dtype)
+        pipe = FuseDiTPipeline.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # never unpickle
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"--pipeline {path}: cannot load ({type(exc).__name__}: {exc})") from None
     pipe.set_progress_bar_config(disable=True)

@@ -75,7 +75,8 @@ class ImageEncoder:
 
             sub = {"subfolder": m.vae_subfolder} if m.vae_subfolder else {}
             try:
-                self.vae = AutoencoderKL.from_pretrained(m.vae, **sub).to(device).eval().requires_grad_(False)
+                vae = AutoencoderKL.from_pretrained(m.vae, use_safetensors=True, **sub)  # never unpickle weights
+                self.vae = vae.to(device).eval().requires_grad_(False)
             except OSError as exc:
                 raise UserError(f"cannot load VAE {m.vae!r}: {exc}") from None
             self.shift = float(self.vae.config.shift_factor or 0.0)

@@ -76,7 +76,10 @@ def generate(
 
     if not (pipeline / "model_index.json").is_file():
         raise UserError(f"--pipeline {pipeline}: not an exported pipeline (no model_index.json)")
-    pipe = FuseDiTPipeline.from_pretrained(str(pipeline))
+    try:
+        pipe = FuseDiTPipeline.from_pretrained(str(pipeline), use_safetensors=True)  # weights never unpickled
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--pipeline {pipeline}: cannot load ({type(exc).__name__}: {exc})") from None
     image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                  generator=torch.Generator().manual_seed(seed)).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,7 @@ def load_llm(name_or_path: str, num_layers: int, dtype=torch.float32) -> nn.Modu
     from transformers import AutoModel
 
     llm_config_for(name_or_path)  # clear error for a missing path before transformers' own
-    model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
+    model = AutoModel.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)  # never unpickle weights
     model = getattr(model, "language_model", model)  # PaliGemma -> its Gemma
     return _truncate(model, num_layers).eval().requires_grad_(False)
 
@@ -183,7 +183,7 @@ class PooledTextEncoder(nn.Module):
 
         sub = {"subfolder": spec.subfolder} if spec.subfolder else {}
         tsub = {"subfolder": spec.tokenizer_subfolder} if spec.tokenizer_subfolder else {}
-        return cls(CLIPTextModelWithProjection.from_pretrained(spec.encoder, **sub),
+        return cls(CLIPTextModelWithProjection.from_pretrained(spec.encoder, use_safetensors=True, **sub),
                    AutoTokenizer.from_pretrained(spec.encoder, **tsub))
 
     def forward(self, captions: list[str]) -> torch.Tensor:
