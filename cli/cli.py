@@ -15,6 +15,7 @@ GROUPS = {
     "cache": "fusedit.components.cache_cli",
     "eval": "fusedit.components.eval_cli",
     "pipeline": "fusedit.pipelines.cli",
+    "ablate": "fusedit.components.ablate_cli",
 }
 # top-level commands: name -> (module, function)
 COMMANDS = {

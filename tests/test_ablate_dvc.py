@@ -1,0 +1,92 @@
+"""The local ablation driver end to end: `fusedit ablate run` on a 2-variant toy grid in a git copy of the repo
+(real `dvc exp run --queue`, the real DAG at a few steps), then `dvc exp show`, the runs directory and the report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
+
+
+def _run(cmd, cwd, env, timeout=600):
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+def repo_copy(dest: Path) -> Path:
+    """The project's git-visible files in a fresh git + dvc repository (no dvc.lock: every stage runs)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    shutil.rmtree(dest / ".dvc", ignore_errors=True)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    return dest
+
+
+TOY2 = {
+    "name": "mini", "base": "tiny", "reference": "deep", "seeds": [7],
+    "data": {"synth": {"samples": 48, "shard_size": 24}},
+    "stages": {"base": {"steps": 3, "batch_size": 4, "warmup_steps": 0, "save_every": 3, "log_every": 1,
+                        "sample_every": 3},
+               "joint": {"steps": 2, "batch_size": 4, "save_every": 2, "log_every": 1}},
+    "eval": {"steps": 2, "batch_size": 8, "synthetic_per_category": 1},
+    "variants": [{"name": "deep"}, {"name": "shallow-self", "recipe": "tiny-shallow"}],
+}
+
+
+@pytest.mark.slow
+def test_toy_grid_of_two_variants_runs_end_to_end(tmp_path):
+    repo = repo_copy(tmp_path / "repo")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    (repo / "ablations" / "mini.yaml").write_text(yaml.safe_dump(TOY2, sort_keys=False))
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    _run([*GIT, "add", "-A"], repo, env)
+    _run([*GIT, "commit", "-qm", "copy"], repo, env)
+
+    out = _run([sys.executable, "-m", "fusedit", "ablate", "run", "ablations/mini.yaml"], repo, env)
+    assert "queued 2 experiments: mini-deep, mini-shallow-self" in out
+    assert "deep: collected" in out and "shallow-self: collected" in out
+
+    shown = json.loads(_run(["dvc", "exp", "show", "--json", "--no-pager"], repo, env))
+    exps = {e["name"]: e["revs"][0]["data"] for c in shown for e in (c.get("experiments") or [])}
+    assert set(exps) == {"mini-deep", "mini-shallow-self"}
+    params = {n: d["params"]["params.yaml"]["data"] for n, d in exps.items()}
+    assert params["mini-shallow-self"]["model"]["recipe"] == "tiny-shallow"
+    assert params["mini-deep"]["train"]["stages"][0]["steps"] == 3 and params["mini-deep"]["train"]["seed"] == 7
+    assert all("data/eval/metrics.json" in d["metrics"] for d in exps.values())
+
+    runs = repo / "data" / "ablations" / "mini"
+    for name in ("deep", "shallow-self"):
+        rec = json.loads((runs / name / "run.json").read_text())
+        assert rec["variant"] == name and rec["seed"] == 7 and rec["trainable_params"] > 0
+        assert json.loads((runs / name / "train" / "base" / "metrics.json").read_text())["steps"] == 3
+        assert (runs / name / "train" / "base" / "loss.tsv").read_text().startswith("step\tloss")
+        assert len(list((runs / name / "eval" / "samples" / "synthetic").glob("*/*.png"))) == 6
+    deep, shallow = (json.loads((runs / n / "run.json").read_text())["trainable_params"] for n in ("deep",
+                                                                                                 "shallow-self"))
+    assert deep != shallow  # shallow fusion adds the per-layer text projections
+    doc = json.loads((runs / "report" / "ablation.json").read_text())
+    assert doc["reference"] == "deep" and list(doc["variants"]) == ["deep", "shallow-self"]
+    assert "synthetic/overall" in doc["variants"]["shallow-self"]["delta"]
+    assert "train/base/images_per_s" in doc["metrics"]
+    # the filtered data is shared: the second experiment restored synth/filter from the run cache
+    lock = {n: yaml.safe_load(subprocess.run(["git", "show", f"{e}:dvc.lock"], cwd=repo, capture_output=True,
+                                             text=True, check=True).stdout)
+            for n, e in ((n, exps[n]["rev"]) for n in exps)}
+    outs = [lk["stages"]["filter"]["outs"] for lk in lock.values()]
+    assert outs[0] == outs[1]
