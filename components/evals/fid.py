@@ -178,10 +178,11 @@ def _prompts(ctx: SuiteContext) -> list[tuple[str, str]]:
         raise UserError("suite fid needs --fid-real (a folder or shard set of real images, or an .npz of mu/sigma)")
     if cfg.fid_prompts:
         if cfg.fid_prompts.endswith(".json"):  # MJHQ-30K meta_data.json: {id: {"prompt", "category"}}
-            from fusedit.components.evals.prompts import read_text
+            from fusedit.components.evals.prompts import check_names, read_text
 
             meta = json.loads(read_text(cfg.fid_prompts, "--fid-prompts"))
-            pairs = [(k, v["prompt"]) for k, v in sorted(meta.items())]
+            pairs = check_names([(k, v["prompt"]) for k, v in sorted(meta.items())], "--fid-prompts",
+                                cfg.fid_prompts)
         else:
             pairs = read_named_prompts(cfg.fid_prompts, "--fid-prompts")
     elif _is_shards(cfg.fid_real):  # the real set's own captions

@@ -50,6 +50,16 @@ def read_jsonl(uri: str, what: str, required: tuple[str, ...] = ()) -> list[dict
     return rows
 
 
+def check_names(pairs: list[tuple[str, str]], what: str, uri: str) -> list[tuple[str, str]]:
+    """Prompt names become sample file names (`<name>.png` under the run's samples/): they must stay there."""
+    for name, _ in pairs:
+        if (not name or name.startswith(".") or any(c in name for c in "/\\\0")
+                or not name.isprintable() or len(name.encode("utf-8", "surrogatepass")) > 200):
+            raise UserError(f"{what} {uri}: prompt name {name!r} is not a plain file name "
+                            "(no '/', '\\', leading '.', control characters; at most 200 bytes)")
+    return pairs
+
+
 def read_named_prompts(uri: str, what: str) -> list[tuple[str, str]]:
     """(name, prompt) pairs from a folder of <name>.txt, a CSV with item_id,text, a JSONL or a text file."""
     p = Path(uri)
@@ -73,4 +83,4 @@ def read_named_prompts(uri: str, what: str) -> list[tuple[str, str]]:
         raise UserError(f"{what} {uri}: empty prompt for {bad[0]}")
     if not out:
         raise UserError(f"{what} {uri}: no prompts")
-    return out
+    return check_names(out, what, uri)
