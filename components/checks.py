@@ -98,7 +98,8 @@ def decode_image(data: bytes, cfg: FilterConfig) -> tuple[Image.Image, str, str]
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Reject("decompression_bomb", str(exc)[:200]) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a reject, with its message
-        raise Reject("decode_error", f"{type(exc).__name__}: {exc}"[:200]) from None
+        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")  # no memory addresses:
+        raise Reject("decode_error", detail[:200]) from None  # the same input gives the same rejects file
     fmt = img.format or ""
     if passthrough:
         return img, "RGB", fmt

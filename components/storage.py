@@ -98,10 +98,20 @@ _RETRY_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable
 _MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """The botocore error inside boto3's S3UploadFailedError (which hides a 500 or a dropped connection)."""
+    from boto3.exceptions import S3UploadFailedError
+
+    while isinstance(exc, S3UploadFailedError) and (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 def _classify(exc: BaseException) -> str:
     """'retry', 'missing', 'auth' or 'fatal' for an exception raised by boto3/botocore/urllib3."""
     from botocore import exceptions as bx
 
+    exc = _unwrap(exc)
     if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
         return "auth"
     if isinstance(exc, bx.ClientError):
@@ -114,7 +124,7 @@ def _classify(exc: BaseException) -> str:
         return "auth" if status in ("401", "403") else "fatal"
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectionError | bx.ReadTimeoutError
                   | bx.ConnectTimeoutError | bx.ResponseStreamingError | bx.IncompleteReadError
-                  | ConnectionError | TimeoutError):
+                  | bx.HTTPClientError | ConnectionError | TimeoutError):  # HTTPClientError: a dropped connection
         return "retry"
     try:
         from urllib3.exceptions import HTTPError as Urllib3Error
@@ -140,8 +150,9 @@ def _with_retries(uri: str, what: str, fn: Callable[[], T]) -> T:
                 raise StorageError(f"{uri}: access denied or no AWS credentials in the environment / "
                                    f"standard chain ({type(exc).__name__})") from exc
             if kind == "fatal" or attempt == attempts:
+                inner = _unwrap(exc)
                 raise StorageError(f"{uri}: {what} failed after {attempt} attempt(s): "
-                                   f"{type(exc).__name__}: {exc}") from exc
+                                   f"{type(inner).__name__}: {inner}") from exc
             wait = min(_options.max_backoff_s, _options.backoff_s * 2 ** (attempt - 1))
             wait *= 0.8 + 0.4 * random.random()
             log.warning("%s: %s attempt %d/%d failed (%s); retrying in %.2fs",
@@ -163,8 +174,10 @@ class _S3Reader(io.RawIOBase):
         self._open()
 
     def _open(self) -> None:
-        def get():
+        def get():  # a resumed read insists on the same object version (412 -> an error, not mixed bytes)
             extra = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+            if self.pos and self.etag:
+                extra["IfMatch"] = self.etag
             return _client().get_object(Bucket=self.bucket, Key=self.key, **extra)
 
         resp = _with_retries(self.uri, "read", get)
