@@ -280,7 +280,7 @@ def parse_spec(raw: Any, src: str, params: dict | None = None) -> Spec:
     try:
         _ = check_variant(spec, Variant(name="base"), f"{src}: base")
     except UserError as exc:
-        raise UserError(str(exc).replace("variant 'base': recipe:", "base:")) from None
+        raise UserError(str(exc).replace(": base: recipe:", ": base:", 1)) from None
     models: dict[str, str] = {}
     for v in spec.variants:
         where = f"{src}: variant '{v.name}'"

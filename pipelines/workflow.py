@@ -190,6 +190,28 @@ def _shards(opts: Options, source_uri, data_version, samples, seed, shard_size, 
     return dsl.OneOf(a, b)
 
 
+def train_stages(opts: Options, stages, *, recipe, cache, params, output_root, overrides, device, data_version,
+                 accelerators, node_selector, tolerations) -> dict[str, dsl.PipelineTask]:
+    """One train_op per stage, each initialised from its upstream's Model, placed on the variant's pool."""
+    tpu = opts.variant == "tpu"
+    trained: dict[str, dsl.PipelineTask] = {}
+    for st in stages:
+        upstream = trained.get(st.init_from or "")
+        init = {"init": upstream.outputs["model"]} if upstream else {}
+        task = train_op(recipe=recipe, stage=st.name, data="", cache=cache, params=params,
+                        output_root=output_root, overrides=overrides, device=device, data_version=data_version,
+                        processes=1 if tpu else accelerators, **init).set_display_name(f"train-{st.name}")
+        _common(task, opts, opts.tpu_image if tpu else opts.image, opts.train_timeout_s)
+        if tpu:
+            _on_pool(task, TPU, accelerators, node_selector, tolerations)
+            task.set_retry(opts.retries, backoff_duration=opts.backoff, backoff_factor=2.0)
+            task.set_caching_options(False)
+        else:
+            on_gpu_pool(task, accelerators, node_selector, tolerations, opts.retries, opts.backoff)
+        trained[st.name] = task
+    return trained
+
+
 def build(opts: Options | None = None):
     """The workflow pipeline function for `opts` (compile it, or call it under kfp.local)."""
     opts = opts or Options()
@@ -227,21 +249,10 @@ def build(opts: Options | None = None):
                        opts.step_timeout_s).set_display_name("cache")
         if not tpu:  # on the TPU variant the cache and evaluation run on CPU nodes
             _on_pool(cache, GPU, 1, node_selector, tolerations)
-        trained: dict[str, dsl.PipelineTask] = {}
-        for st in stages:
-            upstream = trained.get(st.init_from or "")
-            init = {"init": upstream.outputs["model"]} if upstream else {}
-            task = train_op(recipe=recipe, stage=st.name, data="", cache=cache.outputs["cache"], params=train_params,
-                            output_root=train_output_root, overrides=sets, device=device, data_version=data_version,
-                            processes=1 if tpu else accelerators, **init).set_display_name(f"train-{st.name}")
-            _common(task, opts, opts.tpu_image if tpu else opts.image, opts.train_timeout_s)
-            if tpu:
-                _on_pool(task, TPU, accelerators, node_selector, tolerations)
-                task.set_retry(opts.retries, backoff_duration=opts.backoff, backoff_factor=2.0)
-                task.set_caching_options(False)
-            else:
-                on_gpu_pool(task, accelerators, node_selector, tolerations, opts.retries, opts.backoff)
-            trained[st.name] = task
+        trained = train_stages(opts, stages, recipe=recipe, cache=cache.outputs["cache"], params=train_params,
+                               output_root=train_output_root, overrides=sets, device=device,
+                               data_version=data_version, accelerators=accelerators, node_selector=node_selector,
+                               tolerations=tolerations)
         ev = _common(evaluate_op(pipeline=trained[eval_stage].outputs["model"], config_yaml=eval_config,
                                  suites=eval_suites, output_uri=eval_output_uri), opts, opts.image,
                      opts.step_timeout_s).set_display_name("evaluate")

@@ -1,0 +1,201 @@
+"""An ablation spec as ONE KFP v2 pipeline: data and filtering once, a `dsl.ParallelFor` over the spec's runs
+(variant x seed: tiny LLM if the recipe needs it, cache, every training stage, evaluation, the run's result
+directory), then one comparison step over the `dsl.Collected` results that calls the same report function as
+`fusedit ablate report` and publishes it as HTML and Markdown.
+
+The components are the workflow's own (pipelines/{data,cache,train,evaluate}.py and `tiny_op`), placed by the
+same helpers as `pipelines/workflow.py`. Compile-time: the spec (its runs are the default of the `runs`
+parameter), the stage list, the parallelism. Run parameters: the data source, `output_root` (where each run's
+stages and evaluation land: <output_root>/<run>/...), the accelerators per run, node selector and tolerations.
+"""
+from pathlib import Path
+from typing import List  # noqa: UP035 - KFP reads the annotation
+
+import yaml
+from kfp import dsl, kubernetes
+from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
+
+from fusedit.components.ablation_spec import Spec, apply_params, runs
+from fusedit.components.train_config import TrainParams
+from fusedit.pipelines.cache import cache_op
+from fusedit.pipelines.data import filter_op
+from fusedit.pipelines.evaluate import evaluate_op
+from fusedit.pipelines.image import IMAGE
+from fusedit.pipelines.workflow import (
+    GPU,
+    GPU_NODE_SELECTOR,
+    GPU_TOLERATIONS,
+    Options,
+    _common,
+    _on_pool,
+    _shards,
+    _text,
+    _texts,
+    tiny_op,
+    train_stages,
+)
+
+TINY_LLM = "data/tiny/llm"  # the recipes whose LLM `tiny_op` writes
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def run_paths_op(root: str, run: str) -> str:
+    """<root>/<run> (or "" when no root is given): where a run's training stages and evaluation land."""
+    from fusedit.components import storage
+
+    return storage.join(root, run) if root else ""
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def run_result_op(result: Output[Artifact], run: dict, stages: list, eval_metrics: Input[Metrics],
+                  final: Input[Model], run_root: str = "", overrides: list = []):  # noqa: B006
+    """One run's results in the layout `fusedit ablate report` reads (run.json, train/<stage>/, eval/).
+
+    With a run root, every stage's metrics.json and loss.tsv and the evaluation's samples are read from it;
+    without one, only the evaluated stage (the `final` Model's own location) and the logged eval metrics.
+    """
+    import json
+    import os
+
+    from fusedit.components import storage
+    from fusedit.components.ablate import trainable_params
+
+    out = result.path
+    os.makedirs(out, exist_ok=True)
+    where = {st: storage.join(run_root, "train", st) for st in stages} if run_root else {
+        final.metadata.get("stage", stages[-1]): final.metadata.get("output") or final.path}
+    first_count = None
+    for st, src in where.items():
+        for name in ("metrics.json", "loss.tsv"):
+            uri = storage.join(src, name)
+            if storage.exists(uri):
+                os.makedirs(os.path.join(out, "train", st), exist_ok=True)
+                with open(os.path.join(out, "train", st, name), "wb") as f:
+                    f.write(storage.read_bytes(uri))
+                if name == "metrics.json" and first_count is None:
+                    first_count = json.loads(storage.read_bytes(uri)).get("trainable_params")
+    eval_root = storage.join(run_root, "eval") if run_root else ""
+    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+    if eval_root and storage.exists(storage.join(eval_root, "metrics.json")):
+        prefix = eval_root.rstrip("/") + "/"
+        for uri in storage.list_uris(eval_root):
+            rel = uri[len(prefix):] if uri.startswith(prefix) else os.path.relpath(uri, eval_root)
+            if rel == "metrics.json" or rel.startswith("samples/"):
+                os.makedirs(os.path.dirname(os.path.join(out, "eval", rel)), exist_ok=True)
+                with open(os.path.join(out, "eval", rel), "wb") as f:
+                    f.write(storage.read_bytes(uri))
+    else:  # the logged metrics, nested back into suite -> name
+        nested: dict = {}
+        for key, value in eval_metrics.metadata.items():
+            suite, _, name = key.partition("/")
+            if name:
+                nested.setdefault(suite, {})[name] = value
+        with open(os.path.join(out, "eval", "metrics.json"), "w") as f:
+            json.dump(nested, f)
+    llm = [o.split("=", 1)[1] for o in overrides if o.startswith("model.llm=")]
+    try:
+        count = trainable_params(run["recipe"], {**run["overrides"], **({"llm": llm[-1]} if llm else {})})
+    except Exception:  # noqa: BLE001 - the LLM's config may live where this pod cannot read it
+        count = None
+    record = {k: run[k] for k in ("spec", "run", "variant", "seed", "recipe", "overrides", "reference", "variants")}
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump({**record, "trainable_params": count or first_count, "run_root": run_root}, f, indent=1)
+    result.metadata.update({"run": run["run"], "variant": run["variant"]})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def compare_op(results: Input[List[Artifact]], report: Output[HTML], summary: Output[Markdown],  # noqa: UP006
+               ablation: Output[Artifact]):
+    """The ablation report over every run (the function behind `fusedit ablate report`)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from fusedit.components.ablation_report import write_report
+
+    files = write_report([Path(r.path) for r in results], Path(tempfile.mkdtemp(prefix="fusedit-ablation-")))
+    shutil.copyfile(files["html"], report.path)
+    shutil.copyfile(files["markdown"], summary.path)
+    shutil.copyfile(files["json"], ablation.path)
+
+
+def items(spec: Spec, doc: dict) -> list[dict]:
+    """The ParallelFor items: one per run, with its recipe, `--set` overrides and the train params text."""
+    from fusedit.model.config import load_recipe
+
+    out = []
+    for r in runs(spec):
+        llm = load_recipe(r.recipe, {"model": r.model_overrides} if r.model_overrides else None).model.llm
+        params = apply_params(doc, spec, r)
+        out.append({"spec": spec.name, "run": r.name, "variant": r.variant, "seed": r.seed, "recipe": r.recipe,
+                    "overrides": r.model_overrides, "sets": r.set_args, "reference": spec.reference_variant.name,
+                    "variants": [v.name for v in spec.variants],
+                    "tiny": "tiny" if llm == TINY_LLM else r.recipe,  # tiny_op writes the tiny LLM for "tiny"
+                    "train_params": _text({"train": params["train"]})})
+    return out
+
+
+def build_ablation(spec: Spec, opts: Options | None = None, parallelism: int = 4):
+    """The pipeline function for `spec` (GPU pools; compile it, or call it under kfp.local)."""
+    opts = opts or Options()
+    doc = opts.params_doc or yaml.safe_load(Path(opts.params).read_text())
+    shared = apply_params(doc, spec, runs(spec)[0])  # data and eval settings are the same for every run
+    d = _texts(shared)
+    stages = TrainParams.model_validate(shared["train"]).stages
+    eval_stage = opts.eval_stage or stages[-1].name
+    default_runs = items(spec, doc)
+
+    @dsl.pipeline(name=f"fusedit-ablation-{spec.name}",
+                  description=f"ablation '{spec.name}': data once, then per run: cache -> training stages -> "
+                              "evaluate; then one comparison report")
+    def ablation(source_uri: str = "", data_version: str = "", samples: int = d["samples"], seed: int = d["seed"],
+                 shard_size: int = d["shard_size"], bad_fraction: float = d["bad_fraction"],
+                 filter_config: str = d["filter_config"], eval_config: str = d["eval_config"],
+                 eval_suites: list = d["eval_suites"], runs: list = default_runs, output_root: str = "",
+                 cache_dtype: str = "bf16", accelerators: int = 1, node_selector: dict = GPU_NODE_SELECTOR,
+                 tolerations: list = GPU_TOLERATIONS, device: str = ""):
+        shards = _shards(opts, source_uri, data_version, samples, seed, shard_size, bad_fraction)
+        filtered = _common(filter_op(shards=shards, config_yaml=filter_config, data_version=data_version),
+                           opts, opts.image, opts.step_timeout_s).set_display_name("filter")
+        kubernetes.empty_dir_mount(filtered, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        with dsl.ParallelFor(runs, parallelism=parallelism, name="variants") as run:
+            root = _common(run_paths_op(root=output_root, run=run.run), opts, opts.image, opts.step_timeout_s,
+                           secret=False).set_display_name("run-root")
+            tiny = _common(tiny_op(recipe=run.tiny, overrides=run.sets), opts, opts.image, opts.step_timeout_s,
+                           secret=False).set_display_name("tiny")
+            sets = tiny.outputs["Output"]
+            cache = _common(cache_op(filtered=filtered.outputs["filtered"], recipe=run.recipe, overrides=sets,
+                                     dtype=cache_dtype, data_version=data_version), opts, opts.image,
+                            opts.step_timeout_s).set_display_name("cache")
+            _on_pool(cache, GPU, 1, node_selector, tolerations)
+            train_root = _common(run_paths_op(root=root.output, run="train"), opts, opts.image, opts.step_timeout_s,
+                                 secret=False).set_display_name("stages-root")
+            eval_uri = _common(run_paths_op(root=root.output, run="eval"), opts, opts.image, opts.step_timeout_s,
+                               secret=False).set_display_name("eval-root")
+            trained = train_stages(opts, stages, recipe=run.recipe, cache=cache.outputs["cache"],
+                                   params=run.train_params, output_root=train_root.output, overrides=sets,
+                                   device=device, data_version=data_version, accelerators=accelerators,
+                                   node_selector=node_selector, tolerations=tolerations)
+            ev = _common(evaluate_op(pipeline=trained[eval_stage].outputs["model"], config_yaml=eval_config,
+                                     suites=eval_suites, output_uri=eval_uri.output), opts, opts.image,
+                         opts.step_timeout_s).set_display_name("evaluate")
+            _on_pool(ev, GPU, 1, node_selector, tolerations)
+            result = _common(run_result_op(run=run, stages=[s.name for s in stages],
+                                           eval_metrics=ev.outputs["metrics"],
+                                           final=trained[eval_stage].outputs["model"], run_root=root.output,
+                                           overrides=sets), opts, opts.image, opts.step_timeout_s)
+            result.set_display_name("run-result")
+        _common(compare_op(results=dsl.Collected(result.outputs["result"])), opts, opts.image,
+                opts.step_timeout_s, secret=False).set_display_name("compare")
+
+    return ablation
+
+
+def compile_ablation(spec: Spec, out: str, opts: Options | None = None, parallelism: int = 4) -> str:
+    """Compile the ablation pipeline for `spec` to KFP IR YAML at `out`."""
+    from kfp import compiler
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_ablation(spec, opts, parallelism), out)
+    return out
+

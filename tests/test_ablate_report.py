@@ -1,0 +1,144 @@
+"""The ablation report: deltas with t-intervals over seeds, every variant in the table, the loss plot and the
+sample grid, and the page rendered by headless Chromium."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from scipy import stats
+
+from fusedit.components.evals.synthetic import score_verdicts
+from fusedit.components.evals.synthetic import write_prompts as write_synthetic_prompts
+
+CATS = ["single_object", "colors"]
+VARIANTS = ["deep", "shallow-self", "no-temb"]
+
+
+def write_eval(root: Path, verdicts: list[bool], color: tuple[int, int, int]) -> dict:
+    """An evaluation directory as `fusedit eval run` writes it: samples, prompts, judgements, metrics.json."""
+    specs, rows = [], []
+    for c, cat in enumerate(CATS):
+        for i in range(2):
+            ok = verdicts[2 * c + i]
+            spec = {"category": cat, "prompt": f"{cat} prompt {i}", "groups": [], "relation": None}
+            specs.append(spec)
+            rel = f"samples/synthetic/{cat}/{i:03d}_0.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), color).save(root / rel)
+            rows.append({"image": rel, "category": cat, "prompt": spec["prompt"], "correct": ok})
+    write_synthetic_prompts(root / "samples" / "synthetic" / "prompts.jsonl", specs)
+    with open(root / "samples" / "synthetic" / "judgements.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    metrics = {"synthetic": dict(score_verdicts([(s, r["correct"]) for s, r in zip(specs, rows, strict=True)]),
+                                 images=len(rows))}
+    (root / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+def write_train(root: Path, stage: str, losses: list[float], images_per_s: float, params: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "loss.tsv").write_text("step\tloss\tlr\timages_per_s\n" + "".join(
+        f"{i + 1}\t{v}\t0.001\t{images_per_s}\n" for i, v in enumerate(losses)))
+    (root / "metrics.json").write_text(json.dumps({"stage": stage, "steps": len(losses), "final_loss": losses[-1],
+                                                   "images_per_s": images_per_s, "trainable_params": params}))
+
+
+def make_run(runs: Path, variant: str, seed: int, verdicts: list[bool], ips: float) -> Path:
+    d = runs / (f"{variant}-s{seed}")
+    color = (40 * VARIANTS.index(variant), 200, 30 * seed)
+    write_eval(d / "eval", verdicts, color)
+    write_train(d / "train" / "base", "base", [1.5 - 0.01 * i * (1 + VARIANTS.index(variant)) for i in range(50)],
+                ips, 1000 + VARIANTS.index(variant))
+    (d / "run.json").write_text(json.dumps({
+        "spec": "unit", "run": d.name, "variant": variant, "seed": seed, "recipe": "tiny",
+        "overrides": {} if variant == "deep" else {"x": variant}, "reference": "deep", "variants": VARIANTS,
+        "trainable_params": 1000 + VARIANTS.index(variant)}))
+    return d
+
+
+# per (variant, seed): judge verdicts of the 4 samples, training images/s
+GRID = {("deep", 1): ([True, True, False, True], 100.0), ("deep", 2): ([True, False, False, True], 110.0),
+        ("deep", 3): ([True, True, True, True], 90.0),
+        ("shallow-self", 1): ([False, True, False, False], 120.0), ("shallow-self", 2): ([True, False, False, False],
+                                                                                        118.0),
+        ("shallow-self", 3): ([False, False, False, True], 125.0),
+        ("no-temb", 1): ([True, True, False, True], 101.0)}
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    from fusedit.components.ablation_report import write_report
+
+    runs = tmp_path_factory.mktemp("runs")
+    for (variant, seed), (verdicts, ips) in GRID.items():
+        make_run(runs, variant, seed, verdicts, ips)
+    out = runs.parent / "report"
+    files = write_report([runs], out)
+    return runs, files, json.loads(files["json"].read_text())
+
+
+def _overall(verdicts):
+    return (sum(verdicts[:2]) / 2 + sum(verdicts[2:]) / 2) / 2
+
+
+def test_deltas_against_the_reference_are_paired_t_intervals_over_seeds(reported):
+    _, _, doc = reported
+    assert doc["reference"] == "deep" and list(doc["variants"]) == VARIANTS
+    diffs = [_overall(GRID[("shallow-self", s)][0]) - _overall(GRID[("deep", s)][0]) for s in (1, 2, 3)]
+    lo, hi = stats.t.interval(0.95, len(diffs) - 1, loc=sum(diffs) / 3, scale=stats.sem(diffs))
+    d = doc["variants"]["shallow-self"]["delta"]["synthetic/overall"]
+    assert d["method"] == "paired t" and d["n"] == 3
+    assert d["delta"] == pytest.approx(sum(diffs) / 3) and (d["lo"], d["hi"]) == pytest.approx((lo, hi))
+    one = doc["variants"]["no-temb"]["delta"]["train/base/images_per_s"]  # a single seed: no interval
+    assert one["lo"] is None and one["delta"] == pytest.approx(101.0 - 100.0)
+    m = doc["variants"]["deep"]["metrics"]["train/base/images_per_s"]
+    assert m["mean"] == pytest.approx(100.0) and m["n"] == 3 and m["values"] == {"1": 100.0, "2": 110.0, "3": 90.0}
+    assert doc["variants"]["no-temb"]["metrics"]["trainable_params"]["mean"] == 1002
+    assert "synthetic/images" not in doc["metrics"] and doc["metrics"][0] == "synthetic/overall"
+
+
+def test_markdown_and_html_hold_every_variant_the_loss_plot_and_the_grid(reported):
+    _, files, _ = reported
+    md = files["markdown"].read_text()
+    assert all(f"| {v} |" in md for v in VARIANTS) and "## Deltas against deep" in md
+    page = files["html"].read_text()
+    assert page.count("<polyline") == len(VARIANTS)  # one loss curve per variant
+    assert not re.search(r"src='(?!data:)", page)  # self-contained
+    assert page.count("data:image/png;base64,") == len(VARIANTS) * 4  # 4 prompts x every variant
+
+
+@pytest.mark.slow
+def test_report_in_headless_chromium_shows_every_variant(reported, tmp_path):
+    _, files, _ = reported
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (run scripts/sysdeps.sh)")
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", files["html"].as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    metrics = re.search(r'<table id="metrics">(.*?)</table>', dom, re.S).group(1)
+    assert re.findall(r"<th>([^<]*)</th>", metrics) == ["metric", *VARIANTS]
+    grid = re.search(r'<table class="grid">(.*?)</table>', dom, re.S).group(1)
+    assert re.findall(r"<th>([^<]*)</th>", grid) == ["prompt", *VARIANTS]
+    assert all(f'data-variant="{v}"' in dom for v in VARIANTS)
+    assert grid.count("<img") == 4 * len(VARIANTS) and dom.count("<polyline") == len(VARIANTS)
+
+
+def test_report_cli(reported, tmp_path):
+    runs, _, _ = reported
+    r = subprocess.run([sys.executable, "-m", "fusedit", "ablate", "report", str(runs / "deep-s1"),
+                        str(runs / "no-temb-s1"), "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "r" / "ablation.json").read_text())
+    assert list(doc["variants"]) == ["deep", "no-temb"]
+    r = subprocess.run([sys.executable, "-m", "fusedit", "ablate", "report", str(tmp_path), "--out",
+                        str(tmp_path / "r2")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no runs (directories with run.json)" in r.stderr
