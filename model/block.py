@@ -52,18 +52,15 @@ KEY_MASKS: dict[str, Callable[[torch.Tensor, int], torch.Tensor | BlockMask]] = 
     "sdpa": dense_key_mask,
     "flex": block_key_mask,
 }
-_COMPILED_FLEX = []
+# compiled lazily on first call; inside a compiled block dynamo traces straight through it
+_compiled_flex = torch.compile(flex_attention, dynamic=False)
 
 
 def _flex(q, k, v, mask: BlockMask) -> torch.Tensor:
-    """FlexAttention, compiled on GPU (eager it materialises the scores); one dtype, autocast's when it is on."""
+    """FlexAttention, compiled off the CPU (eager it materialises the scores); one dtype, autocast's if on."""
     dev = q.device.type
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
-    fn = flex_attention
-    if dev != "cpu":
-        if not _COMPILED_FLEX:
-            _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
-        fn = _COMPILED_FLEX[0]
+    fn = flex_attention if dev == "cpu" else _compiled_flex
     return fn(q.to(dt), k.to(dt), v.to(dt), block_mask=mask, enable_gqa=True)
 
 

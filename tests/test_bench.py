@@ -1,6 +1,7 @@
 """The GPU benchmarks stay runnable: on CPU they fall back to the tiny recipe and print parseable figures."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,3 +40,29 @@ def test_bench_prints_its_figures_on_cpu(script, kind, args):
     values = {k: float(row[k]) for k in NUMERIC[kind]}
     assert all(v > 0 for v in values.values()), values
     assert 0 < values["mfu"] < 1
+
+
+def test_gpu_bench_runs_every_row_on_cpu(tmp_path):
+    """bench/gpu.py's whole plan at tiny shapes: every setting runs, every row is in the JSON and the table."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--json", str(tmp_path / "rows.json")],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=BENCH.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads((tmp_path / "rows.json").read_text())
+    assert doc["tiny"] and doc["device"].startswith("cpu") and doc["matmul_tflops"] > 0
+    rows = doc["rows"]
+    assert len(rows) == len(doc["plan"]) >= 10
+    for row in rows:
+        assert row.get("status", "ok") == "ok", row
+        assert row["images_per_s"] > 0 and row["peak_mem_gib"] > 0 and 0 < row["mfu"] < 1, row
+        assert abs(row["s_per_image"] * row["images_per_s"] - 1) < 1e-9
+    settings = [p["setting"] for p in doc["plan"]]
+    assert {s["compile"] for s in settings} == {"none", "blocks", "blocks-cudagraphs"}
+    assert {s["kernel"] for s in settings} == {"sdpa", "flex"}
+    assert {s["padded"] for s in settings} == {s["checkpointing"] for s in settings} == {True, False}
+    assert {s["weights"] for s in settings} == {"fp32", "bf16"}
+    assert {s["guidance"] for s in settings} == {"batched", "separate"}
+    table = out.stdout[out.stdout.index("| kind |"):].splitlines()
+    assert len(table) == 2 + len(rows)
+    for row in rows:
+        assert any(f"| {row['kind']} | tiny | {row['setting']} | {row['batch']} |" in line for line in table), row

@@ -90,16 +90,19 @@ def test_compiled_blocks_match_eager_without_graph_breaks(name, backend, tiny_di
         eager = dit(x, t, text)
     loss, grads = _grads(dit, flow, *batch)
 
-    # the block is one graph: capture its inputs from a real forward and let dynamo explain it
-    seen = {}
-    hook = dit.blocks[0].register_forward_pre_hook(lambda m, args: seen.setdefault("args", args))
-    with torch.no_grad():
-        dit(x, t, text)
-    hook.remove()
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(dit.blocks[0])(*seen["args"])
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
+    # the block is one graph, with either key mask: capture its inputs from a real forward, let dynamo explain it
+    for kernel in ("sdpa", "flex"):
+        seen = {}
+        hook = dit.blocks[0].register_forward_pre_hook(lambda m, args, seen=seen: seen.setdefault("args", args))
+        with torch.no_grad():
+            dit.use_attention_kernel(kernel)(x, t, text)
+        hook.remove()
+        torch._dynamo.reset()
+        with torch.no_grad():  # FlexAttention has no CPU backward
+            explained = torch._dynamo.explain(dit.blocks[0])(*seen["args"])
+        assert explained.graph_break_count == 0, (kernel, explained.break_reasons)
+        assert explained.graph_count == 1
+    dit.use_attention_kernel("sdpa")
 
     for block in dit.blocks:
         block.compile(backend=backend)
