@@ -49,6 +49,7 @@ class TrainResult:
     trainable_params: int
     llm_trainable_params: int
     world: int
+    bad_samples: int = 0  # skipped by this run (rank 0's share): unreadable since filtering/caching
 
 
 class Denoiser(nn.Module):
@@ -201,7 +202,8 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     from fusedit.components.features import open_features
 
     features = open_features(rec, data, batch_size=local_batch, seed=seed, rank=d.rank, world=d.world,
-                             device=str(d.device) if d.strategy != "spmd" else "cpu")
+                             device=str(d.device) if d.strategy != "spmd" else "cpu",
+                             max_bad_rate=st.max_bad_sample_rate)
     cached_text = features.uncond is not None and not train_llm
     if train_llm and features.uncond is not None:
         log.warning("stage '%s' trains the LLM: cached text features cannot be used, computing them online",
@@ -274,17 +276,18 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     t_step = t0
     model.train()
     it = features.batches(start)
-    lo, hi = d.rank * local_batch, (d.rank + 1) * local_batch
+    lo = d.rank * local_batch
     bar = tqdm(range(start, st.steps), initial=start, total=st.steps, desc=st.name, disable=not d.main)
     with _SigtermFlag() as sigterm:
         for step in bar:
             batch = next(it)
             g = step_generator(seed, step)
             shape = (st.batch_size, *batch.mean.shape[1:])
-            drop = (torch.rand(st.batch_size, generator=g) < rec.flow.caption_dropout)[lo:hi]
-            sigmas = flow.sample_sigmas(st.batch_size, g)[lo:hi]
-            post = torch.randn(shape, generator=g)[lo:hi]
-            noise = torch.randn(shape, generator=g)[lo:hi]
+            mine = slice(lo, lo + len(batch.mean))  # shorter than local_batch if a bad sample was skipped
+            drop = (torch.rand(st.batch_size, generator=g) < rec.flow.caption_dropout)[mine]
+            sigmas = flow.sample_sigmas(st.batch_size, g)[mine]
+            post = torch.randn(shape, generator=g)[mine]
+            noise = torch.randn(shape, generator=g)[mine]
             sample = batch.mean if batch.logvar is None else batch.mean + (0.5 * batch.logvar).exp() * post
             x0 = ((sample - features.latent_shift) * features.latent_scale).to(d.device)
             if cached_text:
@@ -319,7 +322,10 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
         loss_val = float(resume.meta.get("loss", loss_val))
     result = TrainResult(output, st.name, start, st.steps, loss_val,
                          seen * d.world / max(time.perf_counter() - t0, 1e-9),
-                         sum(p.numel() for p in dit.parameters()), sum(p.numel() for p in llm_params), d.world)
+                         sum(p.numel() for p in dit.parameters()), sum(p.numel() for p in llm_params), d.world,
+                         features.bad.count)
+    if features.bad.count:
+        log.warning("stage '%s': %d unreadable sample(s) skipped", st.name, features.bad.count)
     final = weights()
     if d.main:
         sampler.export(ema.shadow, final.get("llm"), output, st.steps, logs)

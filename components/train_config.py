@@ -35,6 +35,7 @@ class Stage(BaseModel):
     sample_prompts: list[str] = ["two red circles to the left of a blue square", "a green triangle"]
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # several ranks (torchrun): auto = DDP
+    max_bad_sample_rate: float = Field(0.01, ge=0, le=1)  # unreadable samples skipped; more of the data: error
     activation_checkpointing: bool = False  # recompute DiT blocks in the backward (memory for speed)
 
     @model_validator(mode="after")

@@ -69,17 +69,23 @@ class Run:
         proc.start()
         return proc
 
-    def complete(self, timeout: float = 300) -> float:
-        """Run to the end; returns the seconds it took. Fails the test on a non-zero exit."""
+    def finish(self, timeout: float = 300) -> int:
+        """Run to the end; the exit code (a hang past `timeout` fails the test)."""
         context()
-        t0 = time.perf_counter()
         proc = self.start()
         proc.join(timeout)
         if proc.exitcode is None:
             proc.kill()
             proc.join()
             raise AssertionError(f"{self.argv[:3]} did not finish within {timeout}s:\n{self.tail()}")
-        assert proc.exitcode == 0, f"{self.argv[:3]} exited {proc.exitcode}:\n{self.tail()}"
+        return proc.exitcode
+
+    def complete(self, timeout: float = 300) -> float:
+        """Run to the end; returns the seconds it took. Fails the test on a non-zero exit."""
+        context()
+        t0 = time.perf_counter()
+        code = self.finish(timeout)
+        assert code == 0, f"{self.argv[:3]} exited {code}:\n{self.tail()}"
         return time.perf_counter() - t0
 
     def kill_after(self, delay: float, after: Callable[[], bool] | None = None, timeout: float = 300) -> bool:
