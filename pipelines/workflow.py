@@ -82,7 +82,6 @@ class Options:
 
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_DURATION = re.compile(r"^\d+(\.\d+)?s$")
 
 
 def check_options(opts: Options) -> None:
@@ -102,8 +101,14 @@ def check_options(opts: Options) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "retries" else 1):
             raise UserError(f"{name} must be a {'non-negative' if name == 'retries' else 'positive'} integer "
                             f"(got {value!r})")
-    if not isinstance(opts.backoff, str) or not _DURATION.match(opts.backoff):
-        raise UserError(f"backoff must be a duration in seconds such as '60s' (got {opts.backoff!r})")
+    from kfp.dsl.structures import normalize_time_string
+
+    try:
+        backoff = normalize_time_string(opts.backoff)  # KFP's own rule, which the compiler applies later
+    except (ValueError, TypeError, AttributeError, KeyError):
+        backoff = ""
+    if not re.fullmatch(r"\d{1,9}[smhdw]", backoff):
+        raise UserError(f"backoff must be a whole number and a unit, such as '60s' or '2m' (got {opts.backoff!r})")
 
 
 def _params_doc(opts: Options) -> dict:

@@ -180,7 +180,7 @@ OPTION_VALUES = {
     "tpu_image": st.one_of(st.just("ghcr.io/x/tpu:1"), st.text(max_size=10)),
     "secret": st.one_of(st.sampled_from(["fusedit-storage", "a.b", "Bad_Name", "-x", ""]), st.text(max_size=10)),
     "retries": st.one_of(st.integers(-2, 5), st.just(True), st.floats(0, 3)),
-    "backoff": st.sampled_from(["60s", "1.5s", "60", "s", "-1s", "1m"]),
+    "backoff": st.sampled_from(["60s", "1.5s", "60", "s", "-1s", "1m", "2 hours", "1x", "0s"]),
     "train_timeout_s": st.integers(-1, 10**6), "step_timeout_s": st.integers(-1, 10**6),
     "eval_stage": st.sampled_from(["", "base", "joint", "nope"]),
     "source": st.sampled_from(["either", "synth", "uri", "ftp"]),
