@@ -8,6 +8,7 @@ loaded with `weights_only=True`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -61,13 +62,21 @@ def save(root: str, step: int, tensors: dict[str, dict[str, torch.Tensor]], obje
         files[f"{name}.pt"] = buf.getvalue()
     files["meta.json"] = json.dumps(meta, indent=2, sort_keys=True).encode()
     marker = {"step": step, "files": {n: {"bytes": len(b), "sha256": _sha256(b)} for n, b in files.items()}}
-    with tempfile.TemporaryDirectory(dir=None if storage.is_s3(root) else _local_parent(root)) as tmp:
-        for name, data in files.items():
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        storage.publish(tmp, dest, manifest_name=MARKER, manifest=marker)
+    try:
+        with tempfile.TemporaryDirectory(dir=None if storage.is_s3(root) else _local_parent(root)) as tmp:
+            for name, data in files.items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            storage.publish(tmp, dest, manifest_name=MARKER, manifest=marker)
+    except OSError as exc:
+        if not storage.no_space(exc):
+            raise
+        with contextlib.suppress(OSError):  # an uncommitted step is ignored anyway; free what we can
+            storage.remove(dest)
+        raise storage.StorageError(f"{dest}: no space left to save this checkpoint ({exc.strerror}); "
+                                   f"the previous committed checkpoint is kept") from None
     prune(root, keep_last)
     return dest
 

@@ -9,6 +9,7 @@ Writes are atomic: a temp name then a rename locally; a single PUT on S3 (object
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import glob
 import io
@@ -32,6 +33,14 @@ T = TypeVar("T")
 
 class StorageError(UserError):
     """A path or object that cannot be read or written; the message names the URI."""
+
+
+NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # disk full, file-size limit, quota
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether an OSError means the disk (or a size limit or quota) is full: the user can fix that."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE
 
 
 @dataclass
@@ -300,9 +309,11 @@ def atomic_write(uri: str) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, uri)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_path)
+        if no_space(exc):
+            raise StorageError(f"{uri}: no space left to write it ({exc.strerror}); nothing was replaced") from None
         raise
 
 

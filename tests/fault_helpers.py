@@ -35,8 +35,13 @@ def context() -> mp.context.BaseContext:
     return _ctx
 
 
-def _child(argv: list[str], env: dict[str, str], log: str) -> None:
+def _child(argv: list[str], env: dict[str, str], log: str, fsize: int | None = None) -> None:
     os.setpgid(0, 0)  # its own process group: a kill takes its pool workers too, as a pod kill would
+    if fsize is not None:  # a file-size limit: writes past it fail with EFBIG, as a full disk fails them
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -61,11 +66,12 @@ class Run:
     argv: list[str]
     log: Path
     env: dict[str, str] = field(default_factory=dict)
+    fsize: int | None = None  # RLIMIT_FSIZE for the child, in bytes
 
     def start(self) -> mp.process.BaseProcess:
         env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **self.env}
         self._offset = self.log.stat().st_size if self.log.exists() else 0
-        proc = context().Process(target=_child, args=(self.argv, env, str(self.log)))
+        proc = context().Process(target=_child, args=(self.argv, env, str(self.log), self.fsize))
         proc.start()
         return proc
 
