@@ -18,6 +18,7 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from pydantic import BaseModel
@@ -51,6 +52,10 @@ class FilterResult(BaseModel):
 
 class QualityGateError(UserError):
     """The data-quality suite failed and `fail_on_quality` is set (outputs are already written)."""
+
+
+class WorkerDied(UserError):
+    """A pass-1 worker process died (killed, out of memory); finished shards are kept for a rerun."""
 
 
 # ------------------------------------------------------------------ pass 1: one shard
@@ -163,14 +168,21 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int) -> None:
             return
         # fork: the parent is light (no torch), children need no re-import and no importable __main__
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        # a worker that dies breaks the whole pool (BrokenProcessPool, never a hang): report it once
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
             pending = {pool.submit(process_shard, t) for t in tasks}
+            n_done = 0
             try:
                 while pending:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in finished:
                         fut.result()  # re-raises a worker's error (e.g. a missing S3 object)
+                        n_done += 1
                         bar.update()
+            except BrokenProcessPool:
+                raise WorkerDied(f"a filter worker process died (killed, or out of memory?) with "
+                                 f"{len(tasks) - n_done} shard(s) unfinished; the {n_done} finished are kept: "
+                                 f"rerun to resume (with fewer --workers if memory is short)") from None
             except BaseException:
                 for fut in pending:
                     fut.cancel()
