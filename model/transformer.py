@@ -14,7 +14,7 @@ from fusedit.errors import UserError
 from fusedit.model.block import KEY_MASKS, DiTBlock, TextKV, _heads
 from fusedit.model.conditioning import CONDITIONING
 from fusedit.model.config import DiTArch, TextSpec
-from fusedit.model.layers import RMSNorm, norm_or_identity
+from fusedit.model.layers import RMSNorm, fp8_linears, norm_or_identity
 from fusedit.model.positions import IMAGE_ROPE, ape, grid
 from fusedit.model.text import TextContext
 
@@ -86,7 +86,8 @@ class FuseDiTTransformer(ModelMixin, ConfigMixin):
     """DiT over image patches whose attention reads text K/V; deep or shallow fusion is where they come from.
 
     Runtime settings that change speed, not results: `use_attention_kernel("sdpa" | "flex")` and diffusers'
-    `enable_gradient_checkpointing()` (each block recomputed in the backward).
+    `enable_gradient_checkpointing()` (each block recomputed in the backward); `use_fp8_matmuls()` changes
+    the rounding (FP8 on Hopper, a no-op elsewhere) and is only for runs whose loss curve is checked.
     """
 
     _supports_gradient_checkpointing = True
@@ -121,6 +122,10 @@ class FuseDiTTransformer(ModelMixin, ConfigMixin):
             raise UserError(f"attention kernel '{name}' is not one of {', '.join(KEY_MASKS)}")
         self.attention_kernel, self._mask_memo = name, ()
         return self
+
+    def use_fp8_matmuls(self, enabled: bool | None = None) -> int:
+        """Attention and MLP projections of every block in FP8 where the GPU has it (modulation stays); how many."""
+        return sum(fp8_linears(part, enabled) for b in self.blocks for part in (b.attn, b.cross, b.mlp))
 
     def _key_mask(self, text: TextContext, n_image: int):
         """The key mask every layer shares; reused while the same text mask comes back (sampling steps)."""

@@ -62,6 +62,7 @@ def test_gpu_bench_runs_every_row_on_cpu(tmp_path):
     assert {s["padded"] for s in settings} == {s["checkpointing"] for s in settings} == {True, False}
     assert {s["weights"] for s in settings} == {"fp32", "bf16"}
     assert {s["guidance"] for s in settings} == {"batched", "separate"}
+    assert {s["matmul"] for s in settings} == {"bf16", "fp8"}
     table = out.stdout[out.stdout.index("| kind |"):].splitlines()
     assert len(table) == 2 + len(rows)
     for row in rows:

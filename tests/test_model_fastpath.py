@@ -3,7 +3,8 @@
 FlexAttention with a BlockMask vs SDPA with a dense key mask (forward: FlexAttention has no CPU backward),
 activation checkpointing (outputs and gradients), batched vs separate guidance in the sampler, and
 torch.compile of the DiT blocks (2-3 representative configurations: CPU compilation is slow) with no
-graph break inside a block.
+graph break inside a block, and FP8 matmuls (exact fallback on CPU; the scaling and operand layouts
+checked against an emulation of torch._scaled_mm's contract).
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from fusedit.errors import UserError
+from fusedit.model import layers
 from fusedit.model.flow import RectifiedFlow
+from fusedit.model.layers import E4M3, E5M2, fp8_linears
 from tests.conftest import randomize
 from tests.test_model_fusion import CAPTIONS, REFERENCE, build
 
@@ -119,3 +122,55 @@ def test_unknown_attention_kernel_is_refused(tiny_dir):
     _, dit, _ = build("fusedit/baseline", tiny_dir)
     with pytest.raises(UserError, match="attention kernel 'flash3' is not one of sdpa, flex"):
         dit.use_attention_kernel("flash3")
+
+
+def _emulated_scaled_mm(a, a_inv, b, b_inv, out_dtype):
+    """torch._scaled_mm's contract, checked, then computed in fp32 from the FP8 values."""
+    assert a.dtype in (E4M3, E5M2) and b.dtype in (E4M3, E5M2) and not a.dtype == b.dtype == E5M2
+    assert a.stride(1) == 1 and b.stride(0) == 1, "a row-major, b column-major"
+    assert a.shape[1] == b.shape[0] and all(n % 16 == 0 for n in (*a.shape, b.shape[1]))
+    assert a_inv.dtype == b_inv.dtype == torch.float32 and a_inv.numel() == b_inv.numel() == 1
+    return ((a.float() @ b.float()) * a_inv * b_inv).to(out_dtype)
+
+
+def test_fp8_matmuls_fall_back_on_cpu_and_track_fp32_when_emulated(tiny_dir, monkeypatch):
+    recipe, dit, enc = build("fusedit/baseline", tiny_dir)
+    randomize(dit)
+    flow = RectifiedFlow(recipe.flow)
+    g = torch.Generator().manual_seed(3)
+    text = enc.encode(CAPTIONS)
+    x0 = torch.randn(3, 3, 8, 8, generator=g)  # 16 patches x 3 images: FP8-shaped (multiples of 16)
+    batch = (text, x0, torch.full((3,), 0.5), torch.randn(x0.shape, generator=g))
+    loss, grads = _grads(dit, flow, *batch)
+    assert dit.use_fp8_matmuls() == len(dit.blocks) * 7  # q, k, v, out, gate, up, down; not the modulation
+    loss_cpu, grads_cpu = _grads(dit, flow, *batch)  # no FP8 hardware: exactly nn.Linear
+    torch.testing.assert_close(loss_cpu, loss, atol=0, rtol=0)
+
+    calls = []
+    monkeypatch.setattr(layers, "scaled_mm", lambda *a: calls.append(a[0].dtype) or _emulated_scaled_mm(*a))
+    dit.use_fp8_matmuls(enabled=True)
+    loss8, grads8 = _grads(dit, flow, *batch)
+    assert calls.count(E4M3) == len(dit.blocks) * 7 and calls.count(E5M2) == 2 * len(dit.blocks) * 7
+    assert abs(float(loss8 - loss)) < 0.05 * float(loss)
+    for n in (n for n in grads if n.startswith("blocks.") and grads[n].abs().sum() > 0):
+        # e5m2 gradients keep 2 mantissa bits, compounded over 4 blocks: same direction and size, not the digits
+        cos = torch.nn.functional.cosine_similarity(grads8[n].flatten(), grads[n].flatten(), dim=0)
+        ratio = grads8[n].norm() / grads[n].norm()
+        assert cos > 0.9 and 0.8 < ratio < 1.25, (n, float(cos), float(ratio))
+
+
+def test_one_fp8_linear_matches_fp32_closely(monkeypatch):
+    monkeypatch.setattr(layers, "scaled_mm", _emulated_scaled_mm)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 128)
+    x, g = torch.randn(3, 16, 64, requires_grad=True), torch.randn(3, 16, 128)
+    outs = []
+    for fp8 in (False, True):
+        fp8_linears(lin, enabled=fp8)
+        x.grad = lin.weight.grad = lin.bias.grad = None
+        y = lin(x)
+        y.backward(g)
+        outs.append((y.detach(), x.grad, lin.weight.grad, lin.bias.grad))
+    for ref, got in zip(*outs, strict=True):
+        cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+        assert cos > 0.995 and abs(float(got.norm() / ref.norm()) - 1) < 0.01
