@@ -31,12 +31,12 @@ NAMESPACE = "fusedit"
 SERVICE_ACCOUNT = "fusedit"
 CORE_KINDS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "ConfigMap"}
 STORAGE_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FUSEDIT_S3_ENDPOINT"}
-JOB_VERBS = {"create", "get", "list", "watch", "delete"}
+JOB_VERBS = {"create", "get", "delete"}
 ALLOWED_RULES = {  # (apiGroup, resource) -> the verbs a step may use; nothing else
     ("jobset.x-k8s.io", "jobsets"): JOB_VERBS,
     ("trainer.kubeflow.org", "trainjobs"): JOB_VERBS,
     ("kubeflow.org", "pytorchjobs"): JOB_VERBS,
-    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods"): {"list"},
     ("", "pods/log"): {"get"},
 }
 NODE_LABELS = {
