@@ -92,7 +92,7 @@ def _pax_path(data: bytes) -> str | None:
         rec = data[sp + 1: pos + length - 1]
         k, _, v = rec.partition(b"=")
         if k == b"path":
-            path = v.decode("utf-8", "surrogateescape")
+            path = v.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # a name ends at NUL, as in headers
         pos += length
     return path
 
@@ -145,7 +145,7 @@ def iter_members(stream: BinaryIO, max_member_bytes: int) -> Iterator[tuple[str,
         if kind == b"x":
             next_name = _pax_path(data) or next_name
         elif kind == b"L":
-            next_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            next_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         else:
             yield (next_name or name), data
             next_name = None

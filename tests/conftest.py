@@ -96,6 +96,7 @@ def s3_server():
 # ---------------------------------------------------------------- hypothesis: bounded in CI, counted per property
 # HYPOTHESIS_PROFILE=ci (the default) runs a bounded number of examples per property; =fuzz runs FUZZ_SCALE
 # times as many (e.g. a nightly job). Properties that start processes ask for fewer via `fuzz_examples(n)`.
+import contextlib  # noqa: E402
 import os as _os  # noqa: E402
 from collections import Counter as _Counter  # noqa: E402
 
@@ -133,3 +134,20 @@ def pytest_terminal_summary(terminalreporter):
 
         with open(path, "w") as f:
             _json.dump({"profile": _FUZZ_PROFILE, "cases": dict(sorted(FUZZ_CASES.items()))}, f, indent=2)
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int):
+    """Fail (instead of hanging the suite) when the body runs longer than `seconds` (SIGALRM, main thread)."""
+    import signal
+
+    def boom(*_):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fusedit.cli import main
-from tests.conftest import fuzz_case, fuzz_examples
-from tests.test_fuzz_shards import no_hang
+from tests.conftest import fuzz_case, fuzz_examples, no_hang
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSEDIT = str(Path(sys.executable).parent / "fusedit")
@@ -162,6 +161,7 @@ def scratch(tmp_path_factory) -> Path:
 def test_cli_in_process(scratch, argv):
     fuzz_case()
     code, out, err = run_main(argv, scratch)
+    event(f"{argv[0]} exit {code}")
     assert_contract(code, out, err, argv)
 
 

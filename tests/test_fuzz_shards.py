@@ -8,10 +8,8 @@ names are safe relative paths, or listed in rejects.jsonl with a known reason.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import signal
 import tarfile
 from pathlib import Path
 
@@ -23,23 +21,7 @@ from fusedit.components.checks import REASONS
 from fusedit.components.filter import filter_shards
 from fusedit.components.filter_config import FilterConfig, QualityThresholds
 from fusedit.components.tario import ShardError, iter_members, iter_samples, split_name, unsafe_key
-from tests.conftest import fuzz_case, fuzz_examples
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int):
-    """Fail (instead of hanging the suite) when the body runs longer than `seconds`."""
-    def boom(*_):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
+from tests.conftest import fuzz_case, fuzz_examples, no_hang
 
 # ---------------------------------------------------------------- strategies
 
@@ -116,7 +98,7 @@ def expected_samples(items: list[tuple[str, dict[str, bytes]]]) -> int:
     n, key, fields = 0, None, set()
     for k, members in items:
         for ext in members:
-            mk, me = split_name(f"{k}.{ext}")
+            mk, me = split_name(f"{k}.{ext}".split("\x00", 1)[0])  # a tar name ends at its first NUL
             if mk != key or me in fields:
                 n, key, fields = n + 1, mk, set()
             fields.add(me)
