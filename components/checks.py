@@ -137,7 +137,7 @@ def judge(sample: Sample, shard: str, cfg: FilterConfig, tokenizer: Any = None) 
     judged = Judged(row=row)
     try:
         if why := unsafe_key(sample.key):
-            raise Reject("unsafe_key", f"key {sample.key!r}: {why}")
+            raise Reject("unsafe_key", f"key {row['key']!r}: {why}")
         if sample.duplicate_key:
             raise Reject("duplicate_key", f"key {sample.key!r} appeared earlier in the shard")
         if any(ext in cols.image for ext in sample.oversized):
