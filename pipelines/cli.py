@@ -17,14 +17,16 @@ from fusedit.errors import UserError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
-def _options(variant: str, image: str | None, tpu_image: str | None, params: Path, secret: str):
+def _options(variant: str, image: str | None, tpu_image: str | None, params: Path, secret: str, nodes: int = 1):
     from fusedit.pipelines.workflow import VARIANTS, Options
 
     if variant not in VARIANTS:
         raise UserError(f"--variant must be one of {', '.join(VARIANTS)} (got '{variant}')")
     if not params.is_file():
         raise UserError(f"params file not found: {params}")
-    o = Options(variant=variant, params=str(params), secret=secret)
+    if nodes < 1:
+        raise UserError(f"--nodes must be >= 1 (got {nodes})")
+    o = Options(variant=variant, params=str(params), secret=secret, nodes=nodes)
     if image:
         o.image = image
     if tpu_image:
@@ -40,11 +42,13 @@ def compile_(
     tpu_image: str = typer.Option(None, help="image for the TPU training steps (default: image.TPU_IMAGE)"),
     params: Path = typer.Option(Path("params.yaml"), help="stage list and run-parameter defaults"),
     secret: str = typer.Option("fusedit-storage", help="Kubernetes Secret holding the storage credentials"),
+    nodes: int = typer.Option(1, help="GPU nodes / TPU hosts per training stage; above 1 each training task "
+                                      "creates a PyTorchJob (gpu) or JobSet (tpu) and awaits it"),
 ) -> None:
     """Compile the whole workflow to KFP IR YAML."""
     from fusedit.pipelines.workflow import compile_workflow
 
-    compile_workflow(str(out), _options(variant, image, tpu_image, params, secret))
+    compile_workflow(str(out), _options(variant, image, tpu_image, params, secret, nodes))
     typer.echo(f"wrote {out}")
 
 

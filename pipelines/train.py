@@ -26,7 +26,7 @@ TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
 def train_op(model: Output[Model], metrics: Output[Metrics], recipe: str, stage: str, data: str, params: str,
              output_root: str = "", init: Input[Model] = None, overrides: list = [],  # noqa: B006
              device: str = "", data_version: str = "", cache: Input[Dataset] = None, processes: int = 1):
-    """Train (or resume) `stage`; its output is <output_root>/<stage>, or the Model artifact's own location.
+    """Train (or resume) `stage` in this pod; its output is <output_root>/<stage>, or the Model artifact's own.
 
     data: the feature cache's location, or "" to read the `cache` artifact. params: the params YAML text or a
     path to it. init: the upstream stage's Model; its location becomes this stage's init_from. data_version is
@@ -35,53 +35,56 @@ def train_op(model: Output[Model], metrics: Output[Metrics], recipe: str, stage:
     `fusedit train` under torchrun inside the pod, one rank per GPU (DDP, or FSDP2 per the stage's strategy).
     """
     import os
+    import subprocess
     import sys
     import tempfile
-    from pathlib import Path
 
-    import yaml
-
-    from fusedit.components import storage
     from fusedit.components.train import PREEMPTED_EXIT, Preempted, train
+    from fusedit.pipelines.train_task import record, stage_inputs, train_args
 
-    def location(a) -> str:
-        return a.metadata.get("output") or (a.uri if a.uri.startswith("s3://") else a.path)
-
-    data = data or location(cache)
-    target = storage.join(output_root, stage) if output_root else location(model)
-    doc = yaml.safe_load(Path(params).read_text() if "\n" not in params and os.path.isfile(params) else params)
-    if init is not None:
-        for s in doc["train"]["stages"]:
-            if s["name"] == stage:
-                s["init_from"] = location(init)
+    data, target, text = stage_inputs(stage, params, data, cache, init, output_root, model)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(doc, f)
+        f.write(text)
     try:
         if processes > 1:
-            import json
-            import subprocess
-
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "fusedit", "train", "--recipe", recipe, "--stage", stage,
-                   "--data", data, "--output", target, "--params", f.name]
-            cmd += [a for o in overrides for a in ("--set", o)] + (["--device", device] if device else [])
+                   "-m", "fusedit", "train", "--params", f.name, *train_args(recipe, stage, data, target,
+                                                                             overrides, device)]
             if rc := subprocess.call(cmd):
                 sys.exit(rc)
-            r = type("Result", (), json.loads(storage.read_bytes(storage.join(target, "metrics.json"))))
         else:
-            r = train(recipe, stage, data, target, f.name, list(overrides), device or None)
+            train(recipe, stage, data, target, f.name, list(overrides), device or None)
     except Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)
     finally:
         os.unlink(f.name)
-    model.metadata.update({"output": target, "pipeline": storage.join(target, "pipeline"), "stage": stage,
-                           "recipe": recipe, "steps": r.steps, "data_version": data_version})
-    if output_root:
-        model.uri = target
-    metrics.log_metric("final_loss", r.final_loss)
-    metrics.log_metric("images_per_s", r.images_per_s)
-    metrics.log_metric("steps", r.steps)
+    record(model, metrics, target, output_root, stage, recipe, data_version)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_job_op(model: Output[Model], metrics: Output[Metrics], recipe: str, stage: str, data: str, params: str,
+                 output_root: str, image: str, run_id: str, kind: str, nodes: int, accelerators: int,
+                 node_selector: dict, tolerations: list, init: Input[Model] = None,
+                 overrides: list = [], device: str = "", data_version: str = "",  # noqa: B006
+                 cache: Input[Dataset] = None, max_restarts: int = 3, timeout_s: int = 48 * 3600):
+    """Train `stage` on several pods: create a PyTorchJob (multi-node GPU) or JobSet (multi-host TPU) and await it.
+
+    The job's pods run `fusedit train` (torchrun on every node, or torch-xla on every host of the slice); this
+    task only creates the job (named after the run and stage, so a retry follows the same job), streams its pods'
+    logs, and fails with the job's own message if the job fails. output_root must be storage that every pod
+    reaches (s3://... or a shared volume). accelerators: GPUs per node / TPU chips per host.
+    """
+    from fusedit.pipelines.jobs import Launcher, job_name, label_value, placement, render
+    from fusedit.pipelines.train_task import record, stage_inputs, train_args
+
+    data, target, text = stage_inputs(stage, params, data, cache, init, output_root, model)
+    values = {"JOB_NAME": job_name(run_id, stage), "NAMESPACE": "", "RUN_ID": label_value(run_id),
+              "STAGE": label_value(stage), "IMAGE": image, "PARAMS_YAML": text, "MAX_RESTARTS": max_restarts,
+              "TRAIN_ARGS": train_args(recipe, stage, data, target, overrides, device),
+              **placement(kind, nodes, accelerators, node_selector, tolerations)}
+    Launcher().run(kind, render(kind, values), timeout_s)
+    record(model, metrics, target, output_root, stage, recipe, data_version)
 
 
 def on_gpu_pool(task: dsl.PipelineTask, gpus, node_selector, tolerations, retries: int,

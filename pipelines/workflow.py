@@ -23,7 +23,7 @@ from fusedit.pipelines.cache import cache_op
 from fusedit.pipelines.data import filter_op, synth_op
 from fusedit.pipelines.evaluate import evaluate_op
 from fusedit.pipelines.image import IMAGE, TPU_IMAGE
-from fusedit.pipelines.train import on_gpu_pool, train_op
+from fusedit.pipelines.train import on_gpu_pool, train_job_op, train_op
 
 GPU = "nvidia.com/gpu"
 TPU = "google.com/tpu"
@@ -32,7 +32,7 @@ SOURCES = ("either", "synth", "uri")
 # Defaults match k8s/overlays/gke-gpu; EKS: --param node_selector='{"eks.amazonaws.com/nodegroup": "..."}'.
 GPU_NODE_SELECTOR = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
 GPU_TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
-# A single-host slice: one pod drives all its chips (multi-host slices need a JobSet, see pipelines/README.md).
+# A single-host slice: one pod drives all its chips (Options.nodes > 1: a JobSet over the hosts of a slice).
 TPU_NODE_SELECTOR = {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
                      "cloud.google.com/gke-tpu-topology": "2x2"}
 TPU_TOLERATIONS = [{"key": TPU, "operator": "Exists", "effect": "NoSchedule"}]
@@ -75,6 +75,9 @@ class Options:
     train_timeout_s: int = 48 * 3600
     step_timeout_s: int = 6 * 3600
     eval_stage: str = ""  # default: the last training stage
+    # GPU nodes / TPU hosts per training stage: above 1, each training task creates a PyTorchJob / JobSet
+    # (k8s/jobs/) and awaits it; `accelerators` is then per node (GPUs) or per host (TPU chips)
+    nodes: int = 1
     # where the shards come from: "either" (synth when source_uri is empty, else import it; chosen at run time),
     # "synth" or "uri". kfp.local (2.17) cannot resolve the OneOf of artifacts "either" compiles to.
     source: str = "either"
@@ -96,7 +99,7 @@ def check_options(opts: Options) -> None:
             raise UserError(f"{name} must be a container image reference without spaces (got {value!r})")
     if not isinstance(opts.secret, str) or len(opts.secret) > 253 or not _DNS_SUBDOMAIN.match(opts.secret):
         raise UserError(f"secret must be a Kubernetes Secret name (lowercase DNS subdomain; got {opts.secret!r})")
-    for name in ("retries", "train_timeout_s", "step_timeout_s"):
+    for name in ("retries", "train_timeout_s", "step_timeout_s", "nodes"):
         value = getattr(opts, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "retries" else 1):
             raise UserError(f"{name} must be a {'non-negative' if name == 'retries' else 'positive'} integer "
@@ -197,15 +200,27 @@ def _shards(opts: Options, source_uri, data_version, samples, seed, shard_size, 
 
 def train_stages(opts: Options, stages, *, recipe, cache, params, output_root, overrides, device, data_version,
                  accelerators, node_selector, tolerations) -> dict[str, dsl.PipelineTask]:
-    """One train_op per stage, each initialised from its upstream's Model, placed on the variant's pool."""
+    """One training task per stage, each initialised from its upstream's Model, placed on the variant's pool.
+
+    With opts.nodes > 1 the task runs on a CPU node and creates (and follows) a PyTorchJob or JobSet whose pods
+    hold the accelerators; the job restarts its own pods (max_restarts), so the task is not retried itself.
+    """
     tpu = opts.variant == "tpu"
     trained: dict[str, dsl.PipelineTask] = {}
     for st in stages:
         upstream = trained.get(st.init_from or "")
-        init = {"init": upstream.outputs["model"]} if upstream else {}
-        task = train_op(recipe=recipe, stage=st.name, data="", cache=cache, params=params,
-                        output_root=output_root, overrides=overrides, device=device, data_version=data_version,
-                        processes=1 if tpu else accelerators, **init).set_display_name(f"train-{st.name}")
+        common = dict(recipe=recipe, stage=st.name, data="", cache=cache, params=params, output_root=output_root,
+                      overrides=overrides, device=device, data_version=data_version,
+                      **({"init": upstream.outputs["model"]} if upstream else {}))
+        if opts.nodes > 1:
+            task = train_job_op(**common, image=opts.tpu_image if tpu else opts.image,
+                                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kind="jobset" if tpu else "pytorchjob",
+                                nodes=opts.nodes, accelerators=accelerators, node_selector=node_selector,
+                                tolerations=tolerations, max_restarts=opts.retries, timeout_s=opts.train_timeout_s)
+            trained[st.name] = _common(task.set_display_name(f"train-{st.name}"), opts, opts.image,
+                                       opts.train_timeout_s + 600).set_caching_options(False)
+            continue
+        task = train_op(**common, processes=1 if tpu else accelerators).set_display_name(f"train-{st.name}")
         _common(task, opts, opts.tpu_image if tpu else opts.image, opts.train_timeout_s)
         if tpu:
             _on_pool(task, TPU, accelerators, node_selector, tolerations)

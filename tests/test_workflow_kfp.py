@@ -1,7 +1,7 @@
 """The whole-workflow pipeline: placement and cache keys in the compiled IR, a full kfp.local run, and `submit`.
 
 `submit` talks to a small HTTP server on 127.0.0.1 implementing the few KFP v2 endpoints kfp.Client calls:
-the only stand-in in the suite.
+one of the suite's two stand-ins (the other, for the Kubernetes API, is tests/k8s_api.py).
 """
 from __future__ import annotations
 
