@@ -22,11 +22,13 @@ class Dist:
     rank: int
     world: int
     device: torch.device
-    strategy: str  # "single", "ddp" or "fsdp"
+    strategy: str  # "single", "ddp", "fsdp" or "spmd"
+    host: int = 0  # SPMD over a multi-host slice: this host's index (every host runs the same program)
 
     @property
     def main(self) -> bool:
-        return self.rank == 0
+        """The process that writes checkpoints, logs and samples."""
+        return self.rank == 0 and self.host == 0
 
 
 
@@ -51,7 +53,8 @@ def setup(device: str | None, strategy: Strategy = "auto") -> Dist:
     if device == "xla":
         from fusedit.components import xla
 
-        return Dist(0, 1, xla.device(), "spmd")
+        # one program per host; each host feeds the whole global batch and the runtime keeps its own shards
+        return Dist(0, 1, xla.device(), "spmd", host=xla.process_index())
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device is None:

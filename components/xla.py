@@ -50,6 +50,11 @@ def device() -> torch.device:
     return x.torch_xla.device()
 
 
+def process_index() -> int:
+    """This host's index in a multi-host slice (0 on a single host): only host 0 writes outputs."""
+    return int(_xla().xr.process_index())
+
+
 def mesh():
     """The global (n_devices, 1) ("fsdp", "model") mesh, built once."""
     x = _xla()
