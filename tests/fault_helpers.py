@@ -141,16 +141,22 @@ class KillReport:
 
 
 def kill_and_resume(run: Run, duration: float, seeds: list[int], check: Callable[[], None],
-                    step: str, lo: float = 0.05, hi: float = 0.95,
-                    after: Callable[[], bool] | None = None) -> KillReport:
+                    step: str, lo: float = 0.05, hi: float = 0.85, after: Callable[[], bool] | None = None,
+                    reset: Callable[[], None] | None = None) -> KillReport:
     """Kill the same output at one seeded random point per seed (each kill resumes the last one's
-    work), check nothing half-written looks complete after each, then run it to the end."""
+    work), check nothing half-written looks complete after each, then run it to the end.
+
+    A run that finishes before its kill (a faster machine than the timed one) is `reset` (its output
+    removed), so the next seed again has a whole run to land in."""
     report = KillReport(step)
     for seed in seeds:
         delay = random.Random(seed).uniform(lo * duration, hi * duration)
         report.delays.append(round(delay, 3))
-        report.landed += run.kill_after(delay, after)
+        landed = run.kill_after(delay, after)
+        report.landed += landed
         check()
+        if not landed and reset is not None:
+            reset()
     run.complete()
     print(f"kill points {step}: {report.landed} of {len(seeds)} landed mid-run at {report.delays} s")
     return report

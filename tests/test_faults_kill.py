@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,8 @@ def test_filter_killed_anywhere_resumes_to_the_same_bytes(tmp_path, synth_dir):
     run = _filter_run(out, synth_dir, tmp_path)
     duration = run.complete()
     out.rename(ref)  # the same output path again: paths are part of the manifest
-    report = kill_and_resume(run, duration, SEEDS, lambda: _check_filter(out), "filter")
+    report = kill_and_resume(run, duration, SEEDS, lambda: _check_filter(out), "filter",
+                             reset=lambda: shutil.rmtree(out))
     assert report.landed >= 1
     got, want = tree(out), tree(ref)
     assert sorted(got) == sorted(want)
@@ -112,7 +114,8 @@ def test_cache_build_killed_anywhere_resumes_to_the_same_bytes(tmp_path, tiny_di
                *cli_sets(recipe_overrides(DEEP, tiny_dir, vae=True))], tmp_path / "cache.log")
     duration = run.complete()
     out.rename(ref)
-    report = kill_and_resume(run, duration, SEEDS, lambda: _check_cache(out), "cache build")
+    report = kill_and_resume(run, duration, SEEDS, lambda: _check_cache(out), "cache build",
+                             reset=lambda: shutil.rmtree(out))
     assert report.landed >= 1
     assert tree(out) == tree(ref)  # byte for byte: no shard lost, none written twice
 
@@ -180,13 +183,14 @@ def test_training_stages_and_export_killed_anywhere_resume_to_the_same_curve(tmp
     assert math.isfinite(json.loads(uninterrupted)["final_loss"])
     out.rename(ref)
 
-    base = kill_and_resume(runs["base"], durations["base"], SEEDS, lambda: _check_stage(out / "base"), "train base")
+    base = kill_and_resume(runs["base"], durations["base"], SEEDS, lambda: _check_stage(out / "base"), "train base",
+                           reset=lambda: shutil.rmtree(out / "base"))
     export = kill_and_resume(runs["base"], export_s, SEEDS, lambda: _check_stage(out / "base"), "export",
                              lo=0.0, hi=1.0, after=lambda: runs["base"].said(resumed))
     writes = kill_and_resume(runs["base"], 0.05, SEEDS, lambda: _check_stage(out / "base"), "export (writing)",
                              lo=0.0, hi=1.0, after=lambda: runs["base"].said(writing))
-    joint = kill_and_resume(runs["joint"], durations["joint"], SEEDS[:2], lambda: _check_stage(out / "joint"),
-                            "train joint")
+    joint = kill_and_resume(runs["joint"], durations["joint"], SEEDS, lambda: _check_stage(out / "joint"),
+                            "train joint", reset=lambda: shutil.rmtree(out / "joint"))
     assert base.landed >= 1 and joint.landed >= 1 and export.landed + writes.landed >= 2
     for stage in ("base", "joint"):
         _same_stage(out / stage, ref / stage)
@@ -215,7 +219,8 @@ def test_eval_sampling_killed_anywhere_resumes_to_the_same_images(tmp_path, tiny
               tmp_path / "eval.log")
     duration = run.complete()
     out.rename(ref)
-    report = kill_and_resume(run, duration, SEEDS, lambda: _check_eval(out), "eval sampling")
+    report = kill_and_resume(run, duration, SEEDS, lambda: _check_eval(out), "eval sampling",
+                             reset=lambda: shutil.rmtree(out))
     assert report.landed >= 1
     got, want = tree(out / "samples"), tree(ref / "samples")
     assert got == want and len(got) > 10
