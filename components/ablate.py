@@ -94,7 +94,8 @@ def queue(spec: Spec, repo: Path, force: bool = False) -> list[Run]:
     if "overrides" not in (params.get("model") or {}):
         raise UserError(f"{repo / 'params.yaml'}: no model.overrides parameter (the DAG cannot vary the recipe)")
     todo = runs(spec)
-    taken = [r.experiment for r in todo if r.experiment in experiments(repo)]
+    existing = experiments(repo)
+    taken = [r.experiment for r in todo if r.experiment in existing]
     if taken and not force:
         raise UserError(f"experiments already exist: {', '.join(taken)} (pass --force to replace them)")
     if taken:
