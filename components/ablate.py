@@ -145,8 +145,9 @@ def trainable_params(recipe: str, overrides: dict[str, Any], fs=None) -> int | N
 
 
 def run_record(spec: Spec, r: Run, **extra: Any) -> dict[str, Any]:
+    about = next(v.description for v in spec.variants if v.name == r.variant)
     return {"spec": spec.name, "run": r.name, "variant": r.variant, "seed": r.seed, "recipe": r.recipe,
-            "overrides": r.model_overrides, "reference": spec.reference_variant.name,
+            "overrides": r.model_overrides, "description": about, "reference": spec.reference_variant.name,
             "variants": [v.name for v in spec.variants], **extra}
 
 

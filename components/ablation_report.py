@@ -115,6 +115,7 @@ def summarize_runs(dirs: list[Path]) -> dict[str, Any]:
         first = by_var[name][0][1]
         variants[name] = {
             "recipe": first.get("recipe"), "overrides": first.get("overrides") or {},
+            "description": first.get("description") or "",
             "seeds": sorted(int(r.get("seed", 0)) for _, r in by_var[name]),
             "runs": [str(d) for d, _ in by_var[name]],
             "metrics": {k: {"mean": mean(s.values()), "sd": stdev(s.values()) if len(s) > 1 else 0.0,
@@ -158,8 +159,9 @@ def markdown(doc: dict) -> str:
     names, keys, ref = list(doc["variants"]), doc["metrics"], doc["reference"]
     head = "| metric | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
     lines = [f"# Ablation `{doc['spec']}`", "", f"Reference: **{ref}**; mean ± sd over seeds.", "",
-             "| variant | recipe | seeds |", "|---|---|---|"]
-    lines += [f"| {n} | {_describe(v)} | {', '.join(map(str, v['seeds']))} |" for n, v in doc["variants"].items()]
+             "| variant | recipe | seeds | what |", "|---|---|---|---|"]
+    lines += [f"| {n} | {_describe(v)} | {', '.join(map(str, v['seeds']))} | {v.get('description', '')} |"
+              for n, v in doc["variants"].items()]
     lines += ["", "## Metrics", "", head.rstrip("\n")]
     lines += [f"| {k} | " + " | ".join(_cell(doc["variants"][n]["metrics"].get(k), k) for n in names) + " |"
               for k in keys]
@@ -303,10 +305,11 @@ def html_page(doc: dict) -> str:
     names, keys, ref = list(doc["variants"]), doc["metrics"], doc["reference"]
     esc = html.escape
     rows = "".join(f"<tr data-variant='{esc(n)}'><td>{esc(n)}{' (reference)' if n == ref else ''}</td>"
-                   f"<td>{esc(_describe(v))}</td><td>{', '.join(map(str, v['seeds']))}</td></tr>"
+                   f"<td class='p'>{esc(_describe(v))}</td><td>{', '.join(map(str, v['seeds']))}</td>"
+                   f"<td class='p'>{esc(v.get('description', ''))}</td></tr>"
                    for n, v in doc["variants"].items())
     parts = [f"<h1>Ablation: {esc(str(doc['spec']))}</h1>",
-             f"<table><tr><th>variant</th><th>recipe</th><th>seeds</th></tr>{rows}</table>",
+             f"<table><tr><th>variant</th><th>recipe</th><th>seeds</th><th>what</th></tr>{rows}</table>",
              "<h2>Metrics</h2><p>mean ± sd over seeds</p><table id='metrics'><tr><th>metric</th>"
              + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>"
              + "".join(f"<tr><td>{esc(k)}</td>" + "".join(

@@ -15,6 +15,7 @@ import yaml
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
 
+from fusedit.components.ablate import run_record
 from fusedit.components.ablation_spec import Spec, apply_params, runs
 from fusedit.components.train_config import TrainParams
 from fusedit.pipelines.cache import cache_op
@@ -97,7 +98,8 @@ def run_result_op(result: Output[Artifact], run: dict, stages: list, eval_metric
         count = trainable_params(run["recipe"], {**run["overrides"], **({"llm": llm[-1]} if llm else {})})
     except Exception:  # noqa: BLE001 - the LLM's config may live where this pod cannot read it
         count = None
-    record = {k: run[k] for k in ("spec", "run", "variant", "seed", "recipe", "overrides", "reference", "variants")}
+    keys = ("spec", "run", "variant", "seed", "recipe", "overrides", "description", "reference", "variants")
+    record = {k: run.get(k) for k in keys}
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump({**record, "trainable_params": count or first_count, "run_root": run_root}, f, indent=1)
     result.metadata.update({"run": run["run"], "variant": run["variant"]})
@@ -127,9 +129,7 @@ def items(spec: Spec, doc: dict) -> list[dict]:
     for r in runs(spec):
         llm = load_recipe(r.recipe, {"model": r.model_overrides} if r.model_overrides else None).model.llm
         params = apply_params(doc, spec, r)
-        out.append({"spec": spec.name, "run": r.name, "variant": r.variant, "seed": r.seed, "recipe": r.recipe,
-                    "overrides": r.model_overrides, "sets": r.set_args, "reference": spec.reference_variant.name,
-                    "variants": [v.name for v in spec.variants],
+        out.append({**run_record(spec, r), "sets": r.set_args,
                     "tiny": "tiny" if llm == TINY_LLM else r.recipe,  # tiny_op writes the tiny LLM for "tiny"
                     "train_params": _text({"train": params["train"]})})
     return out
