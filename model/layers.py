@@ -65,7 +65,7 @@ class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x8, x_inv, w8, w_inv = ctx.saved_tensors
-        g8, g_inv = to_fp8(g, E5M2)
+        g8, g_inv = to_fp8(g.contiguous(), E5M2)
         grad_x = scaled_mm(g8, g_inv, w8.t().contiguous().t(), w_inv, ctx.x_dtype)
         grad_w = scaled_mm(g8.t().contiguous(), g_inv, x8.t().contiguous().t(), x_inv, ctx.w_dtype)
         return grad_x, grad_w, None
@@ -92,7 +92,7 @@ class Fp8Linear(nn.Linear):
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):  # the scaling is done here, in fp32
-            y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), self.weight, out_dtype)
+            y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, out_dtype)
         y = y.unflatten(0, x.shape[:-1])
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
