@@ -21,7 +21,7 @@ from fusedit.components.tario import iter_samples
 from tests.cache_helpers import DEEP, cli_sets, recipe_overrides, tree
 from tests.fault_helpers import Run, kill_and_resume
 
-SEEDS = [11, 12, 13]
+SEEDS = [1, 9, 6]  # first draws 0.13, 0.46, 0.79: early, middle and late kills
 RUN_FACTS = ("seconds", "images_per_s", "workers", "start_step")  # how the run went, not what it made
 
 
