@@ -347,6 +347,37 @@ def apply_params(params: dict, spec: Spec, run: Run) -> dict:
 
 
 def run_params(run: Run) -> dict[str, Any]:
-    """What differs between runs, as params.yaml keys: recipe, its model overrides (JSON text), seed."""
+    """What differs between runs, as params.yaml keys: recipe, its model overrides (JSON text, all of them for
+    training, the feature-changing ones for the cache stage), seed."""
     return {"model.recipe": run.recipe, "model.overrides": json.dumps(run.model_overrides, sort_keys=True),
+            "model.cache_overrides": json.dumps(cache_overrides(run.recipe, run.model_overrides), sort_keys=True),
             "train.seed": run.seed}
+
+
+# ModelConfig fields the cache fingerprint (components/cache_format.fingerprint) hashes or compares as they are;
+# the others reach it only through the text features the DiT reads (TextSpec)
+FROZEN_INPUTS = ("llm", "tokenizer", "text_modulation", "vae", "vae_subfolder", "resolution")
+SHAPE_LLM = "google/gemma-2b"  # a preset: any LLM config tells whether an override changes the TextSpec
+
+
+def cache_overrides(recipe: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The model overrides that change the run's feature cache. The rest (timestep conditioning, positions,
+    norms, width) leave it the recipe's own, so DVC's run cache hands the variant the cache already built.
+    Erring towards "changes it" only costs a rebuild; training refuses a cache whose fingerprint differs."""
+    from fusedit.model.config import load_recipe, resolve
+    from fusedit.model.presets import llm_config
+
+    shapes = llm_config(SHAPE_LLM)
+    base = resolve(load_recipe(recipe).model, shapes)[1]
+    out = {}
+    for key, value in overrides.items():
+        if key in FROZEN_INPUTS:
+            out[key] = value
+            continue
+        try:
+            same = resolve(load_recipe(recipe, {"model": {key: value}}).model, shapes)[1] == base
+        except UserError:
+            same = False
+        if not same:
+            out[key] = value
+    return out

@@ -43,7 +43,7 @@ TOY2 = {
                         "sample_every": 3},
                "joint": {"steps": 2, "batch_size": 4, "save_every": 2, "log_every": 1}},
     "eval": {"steps": 2, "batch_size": 8, "synthetic_per_category": 1},
-    "variants": [{"name": "deep"}, {"name": "shallow-self", "recipe": "tiny-shallow"}],
+    "variants": [{"name": "deep"}, {"name": "no-temb", "overrides": {"model.timestep_conditioning": "none"}}],
 }
 
 
@@ -59,34 +59,36 @@ def test_toy_grid_of_two_variants_runs_end_to_end(tmp_path):
     _run([*GIT, "commit", "-qm", "copy"], repo, env)
 
     out = _run([sys.executable, "-m", "fusedit", "ablate", "run", "ablations/mini.yaml"], repo, env)
-    assert "queued 2 experiments: mini-deep, mini-shallow-self" in out
-    assert "deep: collected" in out and "shallow-self: collected" in out
+    assert "queued 2 experiments: mini-deep, mini-no-temb" in out
+    assert "deep: collected" in out and "no-temb: collected" in out
 
     shown = json.loads(_run(["dvc", "exp", "show", "--json", "--no-pager"], repo, env))
     exps = {e["name"]: e["revs"][0]["data"] for c in shown for e in (c.get("experiments") or [])}
-    assert set(exps) == {"mini-deep", "mini-shallow-self"}
+    assert set(exps) == {"mini-deep", "mini-no-temb"}
     params = {n: d["params"]["params.yaml"]["data"] for n, d in exps.items()}
-    assert params["mini-shallow-self"]["model"]["recipe"] == "tiny-shallow"
+    assert json.loads(params["mini-no-temb"]["model"]["overrides"]) == {"timestep_conditioning": "none"}
+    assert params["mini-no-temb"]["model"]["cache_overrides"] == "{}"  # the features are the same as deep's
     assert params["mini-deep"]["train"]["stages"][0]["steps"] == 3 and params["mini-deep"]["train"]["seed"] == 7
     assert all("data/eval/metrics.json" in d["metrics"] for d in exps.values())
 
     runs = repo / "data" / "ablations" / "mini"
-    for name in ("deep", "shallow-self"):
+    for name in ("deep", "no-temb"):
         rec = json.loads((runs / name / "run.json").read_text())
         assert rec["variant"] == name and rec["seed"] == 7 and rec["trainable_params"] > 0
         assert json.loads((runs / name / "train" / "base" / "metrics.json").read_text())["steps"] == 3
         assert (runs / name / "train" / "base" / "loss.tsv").read_text().startswith("step\tloss")
         assert len(list((runs / name / "eval" / "samples" / "synthetic").glob("*/*.png"))) == 6
-    deep, shallow = (json.loads((runs / n / "run.json").read_text())["trainable_params"] for n in ("deep",
-                                                                                                 "shallow-self"))
-    assert deep != shallow  # shallow fusion adds the per-layer text projections
+    deep, no_temb = (json.loads((runs / n / "run.json").read_text())["trainable_params"] for n in ("deep", "no-temb"))
+    assert no_temb < deep  # no timestep embedding, no AdaLN modulation
     doc = json.loads((runs / "report" / "ablation.json").read_text())
-    assert doc["reference"] == "deep" and list(doc["variants"]) == ["deep", "shallow-self"]
-    assert "synthetic/overall" in doc["variants"]["shallow-self"]["delta"]
+    assert doc["reference"] == "deep" and list(doc["variants"]) == ["deep", "no-temb"]
+    assert "synthetic/overall" in doc["variants"]["no-temb"]["delta"]
     assert "train/base/images_per_s" in doc["metrics"]
-    # the filtered data is shared: the second experiment restored synth/filter from the run cache
-    lock = {n: yaml.safe_load(subprocess.run(["git", "show", f"{e}:dvc.lock"], cwd=repo, capture_output=True,
-                                             text=True, check=True).stdout)
-            for n, e in ((n, exps[n]["rev"]) for n in exps)}
-    outs = [lk["stages"]["filter"]["outs"] for lk in lock.values()]
-    assert outs[0] == outs[1]
+    # the filtered data and (same features) the cache are shared: the second experiment restored them from the
+    # run cache, and trained with its own overrides
+    lock = {n: yaml.safe_load(subprocess.run(["git", "show", f"{d['rev']}:dvc.lock"], cwd=repo, capture_output=True,
+                                             text=True, check=True).stdout) for n, d in exps.items()}
+    for stage in ("filter", "cache"):
+        assert lock["mini-deep"]["stages"][stage]["outs"] == lock["mini-no-temb"]["stages"][stage]["outs"]
+    assert "--set 'model={\"timestep_conditioning\": \"none\"}'" in lock["mini-no-temb"]["stages"]["train@0"]["cmd"]
+    assert lock["mini-deep"]["stages"]["train@0"]["outs"] != lock["mini-no-temb"]["stages"]["train@0"]["outs"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedit.components.ablation_spec import apply_params, load_spec, runs
+from fusedit.components.ablation_spec import apply_params, cache_overrides, load_spec, runs
 from fusedit.errors import UserError
 from fusedit.model.config import load_recipe, recipe_names
 
@@ -52,7 +52,15 @@ def test_toy_grid_runs_are_the_papers_comparisons_on_the_tiny_recipe():
         assert {k for k in a if a[k] != b[k]} == {field}
     doc = apply_params(yaml.safe_load(PARAMS.read_text()), spec, runs(spec)[3])
     assert json.loads(doc["model"]["overrides"]) == {"timestep_conditioning": "none"}
+    assert json.loads(doc["model"]["cache_overrides"]) == {}  # the text features stay the base recipe's
     assert doc["train"]["stages"][0]["steps"] == spec.stages["base"]["steps"]
+
+
+def test_only_overrides_that_change_the_text_features_or_frozen_inputs_reach_the_cache():
+    assert cache_overrides("tiny", {"pos_embed": "ape", "timestep_conditioning": "none", "qk_norm": False}) == {}
+    assert cache_overrides("tiny", {"pos_embed": "ape", "attention": "cross"}) == {"attention": "cross"}
+    assert cache_overrides("tiny", {"max_prompt_length": 16, "resolution": 64}) == {"max_prompt_length": 16,
+                                                                                    "resolution": 64}
 
 
 def test_several_seeds_make_one_run_per_variant_and_seed(tmp_path):
