@@ -9,8 +9,9 @@ per training image, 50 per sampled image) over the bf16 matmul rate measured fir
 Rows run most important first and each is timed after warm-up with the device synchronised; a row
 that runs out of memory halves its batch, one that fails says so, and once --budget-s is spent the
 rest are listed as skipped, so the table always prints. Without CUDA (or with --tiny) every row runs
-on the tiny recipe at tiny shapes, compiled rows with the aot_eager backend (no C++ build): that is
-what CI runs, the figures only prove the rows work.
+on the tiny recipe at tiny shapes, compiled rows with dynamo's eager backend (graph capture, no C++
+build; tests/test_model_fastpath.py checks inductor's numbers): that is what CI runs, the figures only
+prove the rows work.
 Usage: python bench/gpu.py [--tiny] [--only train|sample] [--rows SUBSTRING ...] [--budget-s 480]
        [--json PATH] [--profile] [--steps N] [--device cuda]
 Output: `matmul ...` and one `row ...` line per row as it finishes (key=value), then one markdown table.
@@ -27,6 +28,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -172,8 +174,14 @@ class Setting:
         return "+".join(parts)
 
 
-# compile key -> Module.compile kwargs on GPU (None: eager). On CPU every compiled row uses aot_eager.
-COMPILE = {"none": None, "blocks": {}, "blocks-cudagraphs": {"mode": "reduce-overhead"}}
+class Compile(NamedTuple):
+    whole: bool  # the whole denoiser as one graph, else each DiT block
+    kwargs: dict  # Module.compile kwargs on GPU; on CPU every compiled row uses the eager backend
+
+
+# compile key -> what is compiled, how (None: eager)
+COMPILE = {"none": None, "blocks": Compile(False, {}), "blocks-cudagraphs": Compile(False, {"mode": "reduce-overhead"}),
+           "model": Compile(True, {}), "model-cudagraphs": Compile(True, {"mode": "reduce-overhead"})}
 
 
 def build_model(rec, arch, spec, dev: torch.device, s: Setting = Setting()) -> FuseDiTTransformer:
@@ -187,11 +195,11 @@ def build_model(rec, arch, spec, dev: torch.device, s: Setting = Setting()) -> F
         model.to(torch.bfloat16)
     if s.matmul == "fp8":
         model.use_fp8_matmuls()
-    kwargs = COMPILE[s.compile]
-    if kwargs is not None:
-        kwargs = kwargs if dev.type == "cuda" else {"backend": "aot_eager"}
-        for block in model.blocks:
-            block.compile(**kwargs)
+    how = COMPILE[s.compile]
+    if how is not None:
+        kwargs = how.kwargs if dev.type == "cuda" else {"backend": "eager"}
+        for part in [model] if how.whole else model.blocks:
+            part.compile(**kwargs)
     return model
 
 
@@ -360,7 +368,8 @@ PLAN = [
     Row("train", BASE, _COMPILED_FLEX),
     Row("train", LARGE, _COMPILED_FLEX),
     Row("sample", BASE, _COMPILED_FLEX, 1),
-    Row("sample", LARGE, _COMPILED_FLEX, 1),
+    Row("sample", BASE, replace(_COMPILED_FLEX, compile="model-cudagraphs"), 1),
+    Row("sample", LARGE, replace(_COMPILED_FLEX, compile="model-cudagraphs"), 1),
     Row("sample", LARGE, _COMPILED_FLEX, 16),
     # what each option is worth (baseline), then the large-scale memory options
     Row("train", BASE, _EAGER_MASK),
@@ -370,9 +379,8 @@ PLAN = [
     Row("train", BASE, replace(_COMPILED_FLEX, weights="bf16")),
     Row("train", LARGE, replace(_COMPILED_FLEX, checkpointing=True), 32),
     Row("train", LARGE, replace(_COMPILED_FLEX, weights="bf16")),
-    Row("sample", BASE, replace(_COMPILED_FLEX, compile="blocks-cudagraphs"), 1),
-    Row("sample", LARGE, replace(_COMPILED_FLEX, compile="blocks-cudagraphs"), 1),
-    Row("sample", LARGE, replace(_COMPILED_FLEX, compile="blocks-cudagraphs"), 16),
+    Row("sample", LARGE, replace(_COMPILED_FLEX, compile="model-cudagraphs"), 16),
+    Row("sample", LARGE, _COMPILED_FLEX, 1),
     Row("sample", BASE, _EAGER_MASK, 1),
     Row("sample", LARGE, _EAGER_MASK, 1),
     Row("sample", BASE, replace(_COMPILED_FLEX, guidance="separate"), 1),
@@ -381,6 +389,10 @@ PLAN = [
     Row("train", BASE, replace(_COMPILED_FLEX, checkpointing=True)),
     Row("train", LARGE, _EAGER_MASK),
     Row("train", LARGE, Setting(compile="blocks")),
+    Row("train", BASE, replace(_COMPILED_FLEX, compile="model")),
+    Row("sample", BASE, replace(_COMPILED_FLEX, compile="model"), 1),
+    Row("sample", BASE, replace(_COMPILED_FLEX, compile="blocks-cudagraphs"), 1),
+    Row("sample", LARGE, replace(_COMPILED_FLEX, compile="blocks-cudagraphs"), 16),
 ]
 
 

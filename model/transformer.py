@@ -128,9 +128,15 @@ class FuseDiTTransformer(ModelMixin, ConfigMixin):
         return sum(fp8_linears(part, enabled) for b in self.blocks for part in (b.attn, b.cross, b.mlp))
 
     def _key_mask(self, text: TextContext, n_image: int):
-        """The key mask every layer shares; reused while the same text mask comes back (sampling steps)."""
+        """The key mask every layer shares; reused while the same text mask comes back (sampling steps).
+
+        Inside a compiled denoiser it is built in the graph every call: a memo there would become an
+        identity guard that recompiles for every new batch.
+        """
         if text.all_valid:
             return None
+        if torch.compiler.is_compiling():
+            return KEY_MASKS[self.attention_kernel](self.route.keys(text.mask, n_image), n_image)
         grad = torch.is_grad_enabled()
         memo = self._mask_memo
         if memo and memo[0] is text.mask and memo[1:3] == (n_image, grad):

@@ -57,7 +57,7 @@ def test_gpu_bench_runs_every_row_on_cpu(tmp_path):
         assert row["images_per_s"] > 0 and row["peak_mem_gib"] > 0 and 0 < row["mfu"] < 1, row
         assert abs(row["s_per_image"] * row["images_per_s"] - 1) < 1e-9
     settings = [p["setting"] for p in doc["plan"]]
-    assert {s["compile"] for s in settings} == {"none", "blocks", "blocks-cudagraphs"}
+    assert {s["compile"] for s in settings} == {"none", "blocks", "blocks-cudagraphs", "model", "model-cudagraphs"}
     assert {s["kernel"] for s in settings} == {"sdpa", "flex"}
     assert {s["padded"] for s in settings} == {s["checkpointing"] for s in settings} == {True, False}
     assert {s["weights"] for s in settings} == {"fp32", "bf16"}

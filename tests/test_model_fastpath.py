@@ -105,6 +105,9 @@ def test_compiled_blocks_match_eager_without_graph_breaks(name, backend, tiny_di
             explained = torch._dynamo.explain(dit.blocks[0])(*seen["args"])
         assert explained.graph_break_count == 0, (kernel, explained.break_reasons)
         assert explained.graph_count == 1
+        with torch.no_grad():  # and the whole denoiser, key mask included, is one graph too
+            whole = torch._dynamo.explain(dit)(x, t, text)
+        assert whole.graph_break_count == 0 and whole.graph_count == 1, (kernel, whole.break_reasons)
     dit.use_attention_kernel("sdpa")
 
     for block in dit.blocks:
