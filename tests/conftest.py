@@ -95,7 +95,8 @@ def s3_server():
 
 # ---------------------------------------------------------------- hypothesis: bounded in CI, counted per property
 # HYPOTHESIS_PROFILE=ci (the default) runs a bounded number of examples per property; =fuzz runs FUZZ_SCALE
-# times as many (e.g. a nightly job). Properties that start processes ask for fewer via `fuzz_examples(n)`.
+# times as many (e.g. a nightly job; FUSEDIT_FUZZ_SCALE sets the factor, 25 by default). Properties that
+# start processes ask for fewer via `fuzz_examples(n)`.
 import contextlib  # noqa: E402
 import os as _os  # noqa: E402
 from collections import Counter as _Counter  # noqa: E402
@@ -103,7 +104,7 @@ from collections import Counter as _Counter  # noqa: E402
 from hypothesis import HealthCheck as _HealthCheck  # noqa: E402
 from hypothesis import settings as _hsettings  # noqa: E402
 
-FUZZ_SCALE = {"ci": 1, "fuzz": 25}
+FUZZ_SCALE = {"ci": 1, "fuzz": int(_os.environ.get("FUSEDIT_FUZZ_SCALE", "25"))}
 _FUZZ_PROFILE = _os.environ.get("HYPOTHESIS_PROFILE", "ci")
 for _name, _scale in FUZZ_SCALE.items():
     _hsettings.register_profile(_name, max_examples=40 * _scale, deadline=None, print_blob=True,
