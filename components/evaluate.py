@@ -130,7 +130,7 @@ def _check_settings(samples: Path, settings: dict[str, Any], overwrite: bool, ma
                 shutil.rmtree(samples)
     if main:
         samples.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(settings, indent=1))
+        storage.write_json(str(f), settings)  # atomic: a killed run never leaves half a settings file
 
 
 def _barrier(world: int, device: torch.device) -> None:
