@@ -80,6 +80,7 @@ def experiments(repo: Path) -> dict[str, dict[str, Any]]:
             name = exp.get("name") or rev.get("name")
             if name:
                 out[name] = {"rev": rev.get("rev"), "state": ex.get("state") or "success",
+                             "finished": (rev.get("data") or {}).get("timestamp"),
                              "log": (ex.get("local") or {}).get("log"), "error": exp.get("error") or rev.get("error")}
     return out
 
@@ -184,7 +185,7 @@ def collect(spec: Spec, repo: Path, out: Path, stages: list[str] | None = None) 
         (dest / "eval").mkdir(parents=True, exist_ok=True)
         fs.get_file(f"{EVAL_ROOT}/metrics.json", str(dest / "eval" / "metrics.json"))
         n = _copy_tree(fs, f"{EVAL_ROOT}/samples", dest / "eval" / "samples")
-        record = run_record(spec, r, experiment=r.experiment, rev=exp["rev"],
+        record = run_record(spec, r, experiment=r.experiment, rev=exp["rev"], finished=exp.get("finished"),
                             trainable_params=trainable_params(r.recipe, r.model_overrides, fs))
         (dest / "run.json").write_text(json.dumps(record, indent=1))
         status[r.name] = f"collected ({n} sample files)"
