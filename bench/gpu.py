@@ -479,6 +479,9 @@ def main(argv: list[str] | None = None) -> None:
                             "batch": row.batch, "status": "skipped"})
             continue
         t_row = time.perf_counter()
+        # each row compiles as in a fresh process: no earlier row's guards, dynamic shapes or CUDA-graph
+        # pools (the on-disk inductor caches still make a repeated graph cheap)
+        torch._dynamo.reset()
         try:
             result = run_row(row, shapes, dev, rate, args)
         except Exception as e:  # noqa: BLE001 - a row that breaks outside fit_batch still leaves the table
