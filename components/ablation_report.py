@@ -298,7 +298,8 @@ def sample_grid(doc: dict) -> str:
 CSS = ("body{font-family:sans-serif;margin:24px} table{border-collapse:collapse;margin:8px 0}"
        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:right}"
        "td.p,td:first-child,th:first-child{text-align:left} .grid td{text-align:center}"
-       ".grid img{image-rendering:pixelated} .pos{color:#2a7a2a} .neg{color:#b22}")
+       ".grid td.p{text-align:left} .grid th{text-align:center} .grid img{image-rendering:pixelated}"
+       ".pos{color:#2a7a2a} .neg{color:#b22}")
 
 
 def html_page(doc: dict) -> str:
