@@ -177,3 +177,31 @@ def test_one_fp8_linear_matches_fp32_closely(monkeypatch):
     for ref, got in zip(*outs, strict=True):
         cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
         assert cos > 0.995 and abs(float(got.norm() / ref.norm()) - 1) < 0.01
+
+
+def test_stage_activation_checkpointing_reaches_the_trainer(tmp_path, tiny_dir, filtered, monkeypatch):
+    """params.yaml's `activation_checkpointing: true` makes the trainer recompute every DiT block."""
+    import torch.utils.checkpoint
+    import yaml
+
+    from fusedit.components.train import train
+
+    stage = {"name": "ckpt", "steps": 2, "batch_size": 2, "save_every": 2, "log_every": 1,
+             "sample_prompts": ["a red square"], "activation_checkpointing": True}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"seed": 7, "stages": [stage]}}))
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, **kw: calls.append(fn) or real(fn, *a, **kw))
+    deterministic = torch.are_deterministic_algorithms_enabled()  # the CPU trainer turns it on for good
+    try:
+        result = train("tiny", "ckpt", str(filtered), str(tmp_path / "out"), str(params), device="cpu",
+                       overrides=[f"model.llm={tiny_dir / 'gemma'}", "model.resolution=16",
+                                  "model.max_prompt_length=16"])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert result.steps == 2 and result.final_loss == result.final_loss  # finished, finite
+    blocks = {id(fn.__self__): fn.__self__ for fn in calls}
+    assert blocks and all(type(b).__name__ == "DiTBlock" for b in blocks.values())
+    assert len(calls) == 2 * len(blocks)  # every block in both steps' forwards, none while sampling
