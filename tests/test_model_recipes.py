@@ -22,7 +22,7 @@ REFERENCE_COUNTS = {
 
 
 def test_all_reference_recipes_ship():
-    assert set(REFERENCE_COUNTS) | {"tiny", "tiny-shallow"} == set(recipe_names())
+    assert set(REFERENCE_COUNTS) | {"tiny", "tiny-shallow", "tiny-cross"} == set(recipe_names())
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
