@@ -166,7 +166,9 @@ def test_reader_agrees_with_tarfile_and_reports_damage(entries, fmt, data):
     if broken == blob:
         with tarfile.open(fileobj=io.BytesIO(blob), encoding="utf-8", errors="surrogateescape") as t:
             want = [(m.name, t.extractfile(m).read()) for m in t.getmembers() if m.isreg()]
-        assert got is not None and [(n.rstrip("/"), d) for n, d in got] == [(n.rstrip("/"), d) for n, d in want]
+        # names end at their first NUL in every header kind (tarfile keeps a NUL inside a pax path)
+        assert got is not None and [(n.rstrip("/"), d) for n, d in got] == [
+            (n.split("\x00", 1)[0].rstrip("/"), d) for n, d in want]
 
 
 # ---------------------------------------------------------------- the filter

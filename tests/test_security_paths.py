@@ -143,14 +143,15 @@ def test_stage_names_cannot_name_a_parent(name):
             TrainParams.model_validate({"stages": [{"name": bad, "steps": 1}]})
 
 
-def test_s3_pipeline_download_stays_in_its_directory(s3_server, tmp_path):
+def test_s3_pipeline_download_stays_in_its_directory(s3_server, tmp_path, monkeypatch):
     """An exported pipeline on S3 whose keys contain `..` cannot write outside the local download dir."""
     import boto3
 
     from fusedit.components import storage
     from fusedit.components.evaluate import local_pipeline
 
-    storage.configure(endpoint_url=s3_server)
+    monkeypatch.setattr(storage, "_options", storage.S3Options())  # the endpoint from the env; restored after
+
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     s3.create_bucket(Bucket="pipes")
     s3.put_object(Bucket="pipes", Key="p/model_index.json", Body=b"{}")

@@ -48,8 +48,11 @@ def find_leaks(blobs: dict[str, bytes]) -> list[str]:
 
 @pytest.fixture
 def secret_env(s3_server, monkeypatch):
+    from fusedit.components import storage
+
     for k, v in SECRETS.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setattr(storage, "_options", storage.S3Options())  # endpoint from the env (not an older test's)
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
