@@ -69,6 +69,6 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(storage, "publish", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(storage.StorageError, match="no space left to save this checkpoint"):
         _save(root, 2)
     assert checkpoint.load_latest(root).step == 1
