@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.repo_helpers import repo_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
@@ -21,19 +22,6 @@ def _run(cmd, cwd, env, timeout=600):
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res.stdout
-
-
-def repo_copy(dest: Path) -> Path:
-    """The project's git-visible files in a fresh git + dvc repository (no dvc.lock: every stage runs)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    shutil.rmtree(dest / ".dvc", ignore_errors=True)
-    (dest / "dvc.lock").unlink(missing_ok=True)
-    return dest
 
 
 TOY2 = {

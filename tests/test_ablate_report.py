@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from scipy import stats
 
 from fusedit.components.evals.synthetic import score_verdicts
 from fusedit.components.evals.synthetic import write_prompts as write_synthetic_prompts
+from tests.repo_helpers import chromium_dom
 
 CATS = ["single_object", "colors"]
 VARIANTS = ["deep", "shallow-self", "no-temb"]
@@ -116,13 +116,7 @@ def test_markdown_and_html_hold_every_variant_the_loss_plot_and_the_grid(reporte
 @pytest.mark.slow
 def test_report_in_headless_chromium_shows_every_variant(reported, tmp_path):
     _, files, _ = reported
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("chromium is not installed (run scripts/sysdeps.sh)")
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", files["html"].as_uri()]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = chromium_dom(files["html"], tmp_path / "profile")
     metrics = re.search(r'<table id="metrics">(.*?)</table>', dom, re.S).group(1)
     assert re.findall(r"<th>([^<]*)</th>", metrics) == ["metric", *VARIANTS]
     grid = re.search(r'<table class="grid">(.*?)</table>', dom, re.S).group(1)

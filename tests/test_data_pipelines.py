@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.repo_helpers import repo_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,13 +23,7 @@ def _run(cmd, cwd, env=None):
 
 @pytest.mark.slow
 def test_dvc_repro_runs_synth_then_filter(tmp_path):
-    repo = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (repo / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, repo / f)
+    repo = repo_copy(tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert "model" in params and "filter" in params["data"]
     params["data"]["synth"].update(samples=200, shard_size=100)
@@ -36,8 +31,6 @@ def test_dvc_repro_runs_synth_then_filter(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
     _run(["git", "init", "-q"], repo)
-    shutil.rmtree(repo / ".dvc", ignore_errors=True)
-    (repo / "dvc.lock").unlink(missing_ok=True)  # the repo's own lock records every stage's last run
     _run(["dvc", "init", "-q"], repo, env)
     _run([*git, "add", "-A"], repo)
     _run([*git, "commit", "-qm", "copy"], repo)

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 
 import pytest
 
 from fusedit.components.filter import QualityGateError, filter_shards
 from fusedit.components.filter_config import FilterConfig
 from fusedit.components.synth import synth
+from tests.repo_helpers import chromium_dom
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +50,7 @@ def test_report_page_is_self_contained(reported):
 @pytest.mark.slow
 def test_report_in_headless_chromium_shows_the_numbers(reported, tmp_path):
     out, result, summary = reported
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("chromium is not installed (run scripts/sysdeps.sh)")
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (out / "report" / "index.html").as_uri()]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = chromium_dom(out / "report" / "index.html", tmp_path / "profile")
 
     def metric(name):
         m = re.search(rf'data-metric="{re.escape(name)}">([^<]*)<', dom)
