@@ -14,7 +14,6 @@ import yaml
 
 from tests.repo_helpers import repo_copy
 
-ROOT = Path(__file__).resolve().parents[1]
 GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
 
 

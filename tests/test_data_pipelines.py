@@ -12,8 +12,6 @@ import yaml
 
 from tests.repo_helpers import repo_copy
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _run(cmd, cwd, env=None):
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
