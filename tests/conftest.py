@@ -1,6 +1,8 @@
 """Shared fixtures: tiny local checkpoints built from configs (random weights, saved with save_pretrained)."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -73,8 +75,6 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 API server on 127.0.0.1 (a real HTTP server, not in-process patching)."""
-    import os
-
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -93,62 +93,15 @@ def s3_server():
     server.stop()
 
 
-# ---------------------------------------------------------------- hypothesis: bounded in CI, counted per property
-# HYPOTHESIS_PROFILE=ci (the default) runs a bounded number of examples per property; =fuzz runs FUZZ_SCALE
-# times as many (e.g. a nightly job; FUSEDIT_FUZZ_SCALE sets the factor, 25 by default). Properties that
-# start processes ask for fewer via `fuzz_examples(n)`.
-import contextlib  # noqa: E402
-import os as _os  # noqa: E402
-from collections import Counter as _Counter  # noqa: E402
-
-from hypothesis import HealthCheck as _HealthCheck  # noqa: E402
-from hypothesis import settings as _hsettings  # noqa: E402
-
-FUZZ_SCALE = {"ci": 1, "fuzz": int(_os.environ.get("FUSEDIT_FUZZ_SCALE", "25"))}
-_FUZZ_PROFILE = _os.environ.get("HYPOTHESIS_PROFILE", "ci")
-for _name, _scale in FUZZ_SCALE.items():
-    _hsettings.register_profile(_name, max_examples=40 * _scale, deadline=None, print_blob=True,
-                                suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large])
-_hsettings.load_profile(_FUZZ_PROFILE)
-FUZZ_CASES: _Counter[str] = _Counter()  # test node id -> examples it ran
-
-
-def fuzz_examples(n: int) -> int:
-    """`n` examples under the ci profile, scaled up under the fuzz profile."""
-    return n * FUZZ_SCALE.get(_FUZZ_PROFILE, 1)
-
-
-def fuzz_case() -> None:
-    """Count one example of the running property (called first thing in each property's body)."""
-    FUZZ_CASES[_os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]] += 1
-
-
 def pytest_terminal_summary(terminalreporter):
-    """Print how many cases each property ran; also as JSON to $FUSEDIT_FUZZ_REPORT when set."""
+    """Print how many cases each fuzz property ran; also as JSON to $FUSEDIT_FUZZ_REPORT when set."""
+    from tests.fuzzing import FUZZ_CASES, PROFILE
+
     if not FUZZ_CASES:
         return
-    terminalreporter.section(f"fuzz cases per property (profile {_FUZZ_PROFILE})")
+    terminalreporter.section(f"fuzz cases per property (profile {PROFILE})")
     for node, n in sorted(FUZZ_CASES.items()):
         terminalreporter.write_line(f"{n:6d}  {node}")
-    if path := _os.environ.get("FUSEDIT_FUZZ_REPORT"):
-        import json as _json
-
+    if path := os.environ.get("FUSEDIT_FUZZ_REPORT"):
         with open(path, "w") as f:
-            _json.dump({"profile": _FUZZ_PROFILE, "cases": dict(sorted(FUZZ_CASES.items()))}, f, indent=2)
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int):
-    """Fail (instead of hanging the suite) when the body runs longer than `seconds` (SIGALRM, main thread)."""
-    import signal
-
-    def boom(*_):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+            json.dump({"profile": PROFILE, "cases": dict(sorted(FUZZ_CASES.items()))}, f, indent=2)

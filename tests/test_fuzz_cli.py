@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fusedit.cli import main
-from tests.conftest import fuzz_case, fuzz_examples, no_hang
+from tests.fuzzing import fuzz_case, fuzz_examples, no_hang
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSEDIT = str(Path(sys.executable).parent / "fusedit")

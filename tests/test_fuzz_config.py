@@ -25,7 +25,7 @@ from fusedit.components.train_config import TrainParams, load_train_params
 from fusedit.errors import UserError, one_line
 from fusedit.model.config import RECIPES_DIR, Recipe, load_recipe
 from fusedit.pipelines.workflow import Options, compile_workflow
-from tests.conftest import fuzz_case, fuzz_examples
+from tests.fuzzing import fuzz_case, fuzz_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -21,7 +21,7 @@ from fusedit.components.checks import REASONS
 from fusedit.components.filter import filter_shards
 from fusedit.components.filter_config import FilterConfig, QualityThresholds
 from fusedit.components.tario import ShardError, iter_members, iter_samples, split_name, unsafe_key
-from tests.conftest import fuzz_case, fuzz_examples, no_hang
+from tests.fuzzing import fuzz_case, fuzz_examples, no_hang
 
 # ---------------------------------------------------------------- strategies
 
