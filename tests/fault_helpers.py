@@ -107,7 +107,9 @@ class Run:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.join(timeout)
-            assert proc.exitcode == -signal.SIGKILL
+            if proc.exitcode == 0:  # it exited in the instant between the check and the kill
+                return False
+            assert proc.exitcode == -signal.SIGKILL, f"{self.argv[:3]} exited {proc.exitcode}:\n{self.tail()}"
             return True
         assert proc.exitcode == 0, f"{self.argv[:3]} exited {proc.exitcode}:\n{self.tail()}"
         return False

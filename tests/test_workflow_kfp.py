@@ -206,6 +206,7 @@ class _KFP(BaseHTTPRequestHandler):
 
 
 def test_submit_sends_a_well_formed_run(tmp_path):
+    _KFP.seen.clear()  # the class-level request log is shared with other tests using this stand-in
     server = ThreadingHTTPServer(("127.0.0.1", 0), _KFP)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     env = {**os.environ, "HOME": str(tmp_path), "KFP_TOKEN": "tok-not-for-logs"}
