@@ -57,7 +57,7 @@ def time_steps(recipe, feats, encoder, steps: int, device) -> float:
             with torch.no_grad():
                 text = encoder.encode(b.captions)
         else:
-            text = b.text
+            text = b.text.to(device)  # cached batches are in host memory
         x0 = sample_x0(b.mean.to(device), None if b.logvar is None else b.logvar.to(device),
                        feats.latent_shift, feats.latent_scale)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):  # as the reference
@@ -97,8 +97,7 @@ def main() -> None:
         synth(shards, samples=args.samples, seed=0, shard_size=max(1, args.samples // 4), bad_fraction=0.0)
         r = build_cache(shards, os.path.join(root, "cache"), recipe, dtype=args.dtype,
                         batch_size=max(32, args.batch_size), progress=False, echo=lambda s: None)
-        cached = open_features(recipe, os.path.join(root, "cache"), batch_size=args.batch_size, seed=0,
-                               device=device)
+        cached = open_features(recipe, os.path.join(root, "cache"), batch_size=args.batch_size, seed=0)
         online = open_features(recipe, shards, batch_size=args.batch_size, seed=0, device=device)
         encoder = load_text_encoder(recipe, device)
         t_cached = time_steps(recipe, cached, None, args.steps, device)

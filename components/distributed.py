@@ -139,13 +139,14 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: di
         opt.load_state_dict(state)
 
 
-def mean(value: torch.Tensor, d: Dist) -> float:
-    """A scalar averaged over ranks (for logging the global loss)."""
-    if d.world == 1:
-        return float(value.detach())
-    t = value.detach().float().reshape(1).to(d.device if d.device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
-    return float(t) / d.world
+def means(values: torch.Tensor, d: Dist) -> list[float]:
+    """Scalars averaged over ranks, read back to the host in one go (for logging the global loss)."""
+    t = values.detach().float().reshape(-1)
+    if d.world > 1:
+        t = t.to(d.device if d.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        t = t / d.world
+    return t.cpu().tolist()
 
 
 def barrier(d: Dist) -> None:

@@ -135,18 +135,17 @@ class _Source:
 
 
 class CachedFeatures(_Source):
-    """Reads `fusedit cache build` output: no LLM and no VAE in memory."""
+    """Reads `fusedit cache build` output: no LLM and no VAE in memory. Batches are in host memory: the
+    trainer pins them and copies them to its device while the previous step runs."""
 
-    def __init__(self, uri: str, manifest: dict, batch_size: int, seed: int, rank: int, world: int, device,
+    def __init__(self, uri: str, manifest: dict, batch_size: int, seed: int, rank: int, world: int,
                  max_bad_rate: float = 0.01):
         from safetensors.torch import load
 
         shards = manifest["shards"]
         super().__init__([storage.join(uri, s["name"]) for s in shards], [s["n"] for s in shards],
                          batch_size, seed, rank, world, max_bad_rate)
-        self.device = torch.device(device)
-        self.uncond = text_from_tensors([load(storage.read_bytes(storage.join(uri, manifest["uncond"])))],
-                                        device=self.device)
+        self.uncond = text_from_tensors([load(storage.read_bytes(storage.join(uri, manifest["uncond"])))])
         self.latent_shift, self.latent_scale = float(manifest["latent_shift"]), float(manifest["latent_scale"])
 
     def _decode(self, sample: Sample, uri: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -163,9 +162,9 @@ class CachedFeatures(_Source):
             mean, logvar = to_unit(torch.stack([f.pop("pixels") for f in feats])), None
         else:
             mean = torch.stack([f.pop("mean") for f in feats]).float()
-            logvar = torch.stack([f.pop("logvar") for f in feats]).float().to(self.device)
+            logvar = torch.stack([f.pop("logvar") for f in feats]).float()
         return Batch(keys=[m["key"] for m in metas], captions=[m["caption"] for m in metas],
-                     mean=mean.to(self.device), logvar=logvar, text=text_from_tensors(feats, device=self.device))
+                     mean=mean, logvar=logvar, text=text_from_tensors(feats))
 
 
 class OnlineFeatures(_Source):
@@ -201,7 +200,8 @@ def open_features(recipe: Recipe | str, data_uri: str, *, batch_size: int, seed:
     """Cached features when `data_uri` holds a cache (fingerprint checked), else the online path.
 
     Samples that no longer read back are skipped and counted (`.bad`); above `max_bad_rate` of the
-    data set the batches stop with a UserError."""
+    data set the batches stop with a UserError. `device` is where the online path's VAE runs; cached
+    batches are always in host memory."""
     recipe = as_recipe(recipe)
     manifest = read_manifest(data_uri)
     if online is None:
@@ -211,7 +211,7 @@ def open_features(recipe: Recipe | str, data_uri: str, *, batch_size: int, seed:
             raise UserError(f"{data_uri}: no feature cache here (no complete manifest); build one with "
                             f"`fusedit cache build` or train online from the filtered shards")
         check_fingerprint(manifest, recipe)
-        return CachedFeatures(data_uri, manifest, batch_size, seed, rank, world, device, max_bad_rate)
+        return CachedFeatures(data_uri, manifest, batch_size, seed, rank, world, max_bad_rate)
     if manifest is not None:
         raise UserError(f"{data_uri} is a feature cache (no images): online training needs the filtered shards")
     return OnlineFeatures(recipe, data_uri, batch_size, seed, rank, world, device, caption, max_bad_rate)

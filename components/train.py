@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -23,7 +22,9 @@ import torch
 from torch import nn
 
 from fusedit.components import checkpoint, distributed, storage
+from fusedit.components.step_inputs import Prefetch, make_inputs
 from fusedit.components.train_config import Stage, load_train_params
+from fusedit.components.train_logs import TrainLogs
 from fusedit.errors import UserError
 from fusedit.model.config import Recipe, load_recipe, resolve
 from fusedit.model.flow import RectifiedFlow
@@ -63,12 +64,6 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextContext | list[str]) -> torch.Tensor:
         ctx = text if isinstance(text, TextContext) else self.encoder.encode(text)
         return self.dit(x, t, ctx.pad_to(self.text_len) if self.text_len else ctx)
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The RNG of one global step: caption dropout, timesteps, posterior and flow noise."""
-    state = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> 1))
 
 
 def reachable_llm_params(encoder: TextEncoder) -> list[nn.Parameter]:
@@ -128,47 +123,13 @@ class _SigtermFlag:
         signal.signal(signal.SIGTERM, self._old)
 
 
+def _compiles(stage: Stage, device: torch.device) -> bool:
+    return stage.compile == "blocks" or (stage.compile == "auto" and device.type == "cuda")
+
+
 def _precision(stage: Stage, device: torch.device):
     bf16 = stage.precision == "bf16" or (stage.precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-class _Logs:
-    """loss.tsv (for dvc plots), TensorBoard events and sample grids; rank 0 only."""
-
-    def __init__(self, output: str, stage: str, start: int, enabled: bool):
-        self.remote = output if storage.is_s3(output) else None
-        self.root = Path(".fusedit-logs") / stage if self.remote else Path(output)
-        self.enabled = enabled
-        self.rows: list[tuple] = []
-        self.tb = None
-        if enabled:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if self.remote and storage.exists(storage.join(self.remote, "loss.tsv")):  # resuming on a new pod
-                (self.root / "loss.tsv").write_bytes(storage.read_bytes(storage.join(self.remote, "loss.tsv")))
-            self.rows = _resume_rows(self.root / "loss.tsv", start)
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.root / "tensorboard"), purge_step=start + 1)
-
-    def step(self, step: int, loss: float, lr: float, ips: float) -> None:
-        if self.enabled:
-            self.rows.append((step, loss, lr, ips))
-            self.tb.add_scalar("train/loss", loss, step)
-            self.tb.add_scalar("train/lr", lr, step)
-            self.tb.add_scalar("train/images_per_s", ips, step)
-
-    def flush(self) -> None:
-        if self.enabled:
-            _write_rows(self.root / "loss.tsv", self.rows)
-            self.tb.flush()
-            if self.remote:
-                storage.write_bytes(storage.join(self.remote, "loss.tsv"), (self.root / "loss.tsv").read_bytes())
-
-    def close(self) -> None:
-        if self.enabled:
-            self.flush()
-            self.tb.close()
 
 
 def train(recipe: str | Recipe, stage: str, data: str, output: str, params: str = "params.yaml",
@@ -202,7 +163,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     from fusedit.components.features import open_features
 
     features = open_features(rec, data, batch_size=local_batch, seed=seed, rank=d.rank, world=d.world,
-                             device=str(d.device) if d.strategy != "spmd" else "cpu",
+                             device="cpu" if d.strategy == "spmd" else str(d.device),
                              max_bad_rate=st.max_bad_sample_rate)
     cached_text = features.uncond is not None and not train_llm
     if train_llm and features.uncond is not None:
@@ -212,12 +173,16 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     if not cached_text:
         encoder = TextEncoder(load_llm(m.llm, spec.llm_num_layers), load_tokenizer(m.tokenizer or m.llm), spec)
     llm_params = reachable_llm_params(encoder) if train_llm else []
+    compiled = _compiles(st, d.device) and d.strategy != "spmd"
     text_len = None
-    if d.strategy == "spmd":  # fixed text length: the longest a caption (plus instruction) can tokenize to
+    if d.strategy == "spmd" or compiled:  # one text length, one graph: the longest a caption can tokenize to
         tok = encoder.tokenizer if encoder is not None else load_tokenizer(m.tokenizer or m.llm)
         text_len = spec.max_length + (len(tok(spec.instruction, add_special_tokens=False).input_ids)
                                       if spec.instruction else 0)
     denoiser = Denoiser(dit, encoder, text_len).to(d.device)
+    if compiled:  # in place: parameter names (checkpoints, EMA) stay as they are
+        for block in dit.blocks:
+            block.compile()
 
     ema = EMA(dit.state_dict(), st.ema_decay)
     ckpt_root = storage.join(output, "checkpoints")
@@ -249,7 +214,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
         start = resume.step
         log.info("resuming stage '%s' from step %d", st.name, start)
     flow = RectifiedFlow(rec.flow)
-    logs = _Logs(output, st.name, start, d.main)
+    logs = TrainLogs(output, st.name, start, d)
     uncond = features.uncond.to(d.device) if cached_text else None
 
     def weights() -> dict[str, dict[str, torch.Tensor]]:
@@ -260,6 +225,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
         return out
 
     def save(step: int) -> None:
+        loss_val = logs.settle()
         tensors = {**weights(), "ema": ema.shadow}
         opt_state = distributed.optimizer_state(model, opt, d)
         if d.main:
@@ -272,30 +238,17 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     from tqdm import tqdm
 
     sampler = _Sampler(rec, st, logs.root) if d.main else None
-    t0, seen, loss_val = time.perf_counter(), 0, float("nan")
-    t_step = t0
     model.train()
-    it = features.batches(start)
-    lo = d.rank * local_batch
+    host = make_inputs(features.batches(start), start, st.batch_size, d.rank * local_batch, seed, flow,
+                       rec.flow.caption_dropout, features.latent_shift, features.latent_scale)
+    prefetch = Prefetch(host, prepare=lambda x: x.pin() if d.device.type == "cuda" else x)
     bar = tqdm(range(start, st.steps), initial=start, total=st.steps, desc=st.name, disable=not d.main)
-    with _SigtermFlag() as sigterm:
+    t_log = time.perf_counter()
+    with _SigtermFlag() as sigterm, prefetch:
         for step in bar:
-            batch = next(it)
-            g = step_generator(seed, step)
-            shape = (st.batch_size, *batch.mean.shape[1:])
-            mine = slice(lo, lo + len(batch.mean))  # shorter than local_batch if a bad sample was skipped
-            drop = (torch.rand(st.batch_size, generator=g) < rec.flow.caption_dropout)[mine]
-            sigmas = flow.sample_sigmas(st.batch_size, g)[mine]
-            post = torch.randn(shape, generator=g)[mine]
-            noise = torch.randn(shape, generator=g)[mine]
-            sample = batch.mean if batch.logvar is None else batch.mean + (0.5 * batch.logvar).exp() * post
-            x0 = ((sample - features.latent_shift) * features.latent_scale).to(d.device)
-            if cached_text:
-                text = batch.text.to(d.device).where(drop.to(d.device), uncond)
-            else:
-                text = ["" if dr else c for dr, c in zip(drop.tolist(), batch.captions, strict=True)]
+            inputs = next(prefetch).to(d.device)
             with _precision(st, d.device):
-                loss = flow.loss(model, x0, text, sigmas.to(d.device), noise.to(d.device))
+                loss = flow.loss(model, inputs.x0, inputs.text_or_captions(uncond), inputs.sigmas, inputs.noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for gr in groups for p in gr["params"]], st.grad_clip)
@@ -304,24 +257,22 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
             distributed.step_end(d)
             if (step + 1) % st.ema_every == 0:
                 ema.update(weights()["model"])
-            loss_val, seen = distributed.mean(loss, d), seen + local_batch
-            now = time.perf_counter()
-            ips, step_s, t_step = seen * d.world / (now - t0), now - t_step, now
-            logs.step(step + 1, loss_val, sched.get_last_lr()[0], ips)
-            if d.main and (step + 1) % st.log_every == 0:
-                bar.set_postfix(loss=f"{loss_val:.4f}", s_step=f"{step_s:.3f}", img_s=f"{ips:.1f}")
-            if not math.isfinite(loss_val):
-                raise RuntimeError(f"stage '{st.name}': loss is {loss_val} at step {step + 1}")
+            logs.step(step + 1, loss, sched.get_last_lr()[0], len(inputs.x0))
+            if (step + 1) % st.log_every == 0:  # the only host sync of a step that neither saves nor samples
+                loss_val, now = logs.settle(), time.perf_counter()
+                bar.set_postfix(loss=f"{loss_val:.4f}", s_step=f"{(now - t_log) / st.log_every:.3f}",
+                                img_s=f"{logs.images_per_s:.1f}")
+                t_log = now
             if sampler and st.sample_every and (step + 1) % st.sample_every == 0 and step + 1 < st.steps:
                 sampler.grid(ema.shadow, step + 1, logs)
             if (step + 1) % st.save_every == 0 or step + 1 == st.steps or sigterm.set:
                 save(step + 1)
             if sigterm.set and step + 1 < st.steps:
                 raise Preempted(f"stage '{st.name}': SIGTERM, checkpoint committed at step {step + 1}")
+    loss_val = logs.settle()
     if start == st.steps and resume is not None:  # a rerun after the last save: only the export is left
         loss_val = float(resume.meta.get("loss", loss_val))
-    result = TrainResult(output, st.name, start, st.steps, loss_val,
-                         seen * d.world / max(time.perf_counter() - t0, 1e-9),
+    result = TrainResult(output, st.name, start, st.steps, loss_val, logs.images_per_s,
                          sum(p.numel() for p in dit.parameters()), sum(p.numel() for p in llm_params), d.world,
                          features.bad.count)
     if features.bad.count:
@@ -354,7 +305,7 @@ class _Sampler:
         self.pipe.transformer.eval()
         return self.pipe
 
-    def grid(self, ema: dict[str, torch.Tensor], step: int, logs: _Logs, llm: dict | None = None) -> Path:
+    def grid(self, ema: dict[str, torch.Tensor], step: int, logs: TrainLogs, llm: dict | None = None) -> Path:
         pipe = self._pipeline(ema, llm)
         images = pipe(self.st.sample_prompts, num_inference_steps=self.rec.flow.sample_steps,
                       guidance_scale=self.rec.flow.guidance, generator=torch.Generator().manual_seed(0)).images
@@ -365,7 +316,7 @@ class _Sampler:
         logs.tb.add_image("samples", np.asarray(grid), step, dataformats="HWC")
         return path
 
-    def export(self, ema: dict[str, torch.Tensor], llm: dict | None, output: str, step: int, logs: _Logs) -> None:
+    def export(self, ema: dict[str, torch.Tensor], llm: dict | None, output: str, step: int, logs: TrainLogs) -> None:
         """The EMA weights as a diffusers-style pipeline, plus the final sample grid.
 
         The pipeline is written beside its final name and renamed into place (on S3 its
@@ -384,21 +335,6 @@ class _Sampler:
         storage.upload_file(str(grid), os.path.join(local, "samples.png"))
         if storage.is_s3(output):
             storage.publish(local, output, last=("pipeline/model_index.json",))
-
-
-def _resume_rows(path: Path, start: int) -> list[tuple]:
-    """Loss rows up to the resumed step (later ones belonged to the interrupted, unsaved tail)."""
-    if not path.is_file():
-        return []
-    rows = [ln.split("\t") for ln in path.read_text().splitlines()[1:] if ln.strip()]
-    return [(int(r[0]), float(r[1]), float(r[2]), float(r[3])) for r in rows if int(r[0]) <= start]
-
-
-def _write_rows(path: Path, rows: list[tuple]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("step\tloss\tlr\timages_per_s\n" + "".join(f"{s}\t{lo:.6f}\t{lr:.3g}\t{ips:.2f}\n"
-                                                         for s, lo, lr, ips in rows))
-    os.replace(tmp, path)
 
 
 def _grid(images):

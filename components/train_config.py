@@ -37,6 +37,8 @@ class Stage(BaseModel):
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # several ranks (torchrun): auto = DDP
     max_bad_sample_rate: float = Field(0.01, ge=0, le=1)  # unreadable samples skipped; more of the data: error
     activation_checkpointing: bool = False  # recompute DiT blocks in the backward (memory for speed)
+    # torch.compile each DiT block (text padded to a fixed length: one graph); auto = on CUDA only
+    compile: Literal["auto", "none", "blocks"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> Stage:

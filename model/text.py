@@ -62,8 +62,13 @@ class TextContext:
         return replace(self.map(lambda x, d: x.narrow(d, 0, n), keeps_valid=True), pooled=self.pooled)
 
     def to(self, *args, **kwargs) -> TextContext:
+        """Tensor.to on every tensor; a dtype applies to the features, not to the bool mask (which moves)."""
+        device = next((a for a in args if isinstance(a, str | torch.device)), kwargs.get("device"))
+
         def cast(x, dim=None):
-            return x if x.dtype == torch.bool else x.to(*args, **kwargs)
+            if x.dtype != torch.bool:
+                return x.to(*args, **kwargs)
+            return x if device is None else x.to(device, non_blocking=kwargs.get("non_blocking", False))
 
         return self.map(cast, cast, keeps_valid=True)
 

@@ -1,0 +1,147 @@
+"""The trainer's fast path: inputs made ahead on a thread, losses read back in batches, compiled blocks.
+
+None of it may change a number: the loss curve of a compiled stage equals the eager one, the inputs of
+a step do not depend on when or where they were made, and a device run keeps nothing on the host.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import yaml
+from torch._dynamo.utils import counters
+
+from fusedit.components import distributed
+from fusedit.components.cache import build_cache
+from fusedit.components.features import open_features
+from fusedit.components.step_inputs import Prefetch, make_inputs
+from fusedit.components.train import train
+from fusedit.components.train_logs import TrainLogs
+from fusedit.model.config import resolve
+from fusedit.model.flow import RectifiedFlow
+from fusedit.model.text import llm_config_for
+from fusedit.model.transformer import FuseDiTTransformer
+from tests.cache_helpers import DEEP, make_shards, tiny_recipe
+
+
+def _params(tmp_path, **stage) -> str:
+    p = tmp_path / "params.yaml"
+    base = {"name": "base", "steps": 4, "batch_size": 4, "save_every": 2, "ema_every": 1, "log_every": 3,
+            "sample_prompts": ["a red square"], **stage}
+    p.write_text(yaml.safe_dump({"train": {"seed": 3, "stages": [base]}}))
+    return str(p)
+
+
+def _losses(out) -> list[float]:
+    return [float(ln.split("\t")[1]) for ln in (out / "loss.tsv").read_text().splitlines()[1:]]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("fastpath")
+    recipe = tiny_recipe(DEEP, tiny_dir, True)
+    build_cache(str(make_shards(root / "in", samples=12, shard_size=6)), str(root / "cache"), recipe,
+                dtype="fp32", progress=False)
+    return recipe, root / "cache"
+
+
+def test_compiled_blocks_train_the_same_curve(tmp_path, cache):
+    """`compile: blocks` (inductor, text padded to the recipe's fixed length) against eager, per step."""
+    recipe, data = cache
+    eager = train(recipe, "base", str(data), str(tmp_path / "eager"), _params(tmp_path, compile="none"))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train(recipe, "base", str(data), str(tmp_path / "compiled"), _params(tmp_path, compile="blocks"))
+    # one graph serves every block and every step: captions of any length are padded to one length
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    a, b = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert len(a) == len(b) == 4 and a[0] > 0
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+    assert compiled.final_loss == pytest.approx(eager.final_loss, rel=1e-4)
+    # in-place compile keeps parameter names: the compiled run's checkpoint resumes the eager run
+    again = train(recipe, "base", str(data), str(tmp_path / "eager"), _params(tmp_path, compile="blocks",
+                                                                                   steps=6))
+    assert again.start_step == 4 and len(_losses(tmp_path / "eager")) == 6
+
+
+def test_step_inputs_move_to_the_device_whole(cache):
+    """Every tensor a step uses, the text mask included, follows the batch to the device: on the meta
+    device a host tensor left behind fails the forward, as it would on a GPU."""
+    recipe, data = cache
+    feats = open_features(recipe, str(data), batch_size=4, seed=1)
+    flow = RectifiedFlow(recipe.flow)
+    inputs = next(make_inputs(feats.batches(0), 0, 4, 0, 1, flow, 0.5, feats.latent_shift, feats.latent_scale))
+    on_meta = inputs.to(torch.device("meta"))
+    text = on_meta.text_or_captions(feats.uncond.to("meta"))
+    assert {t.device.type for t in text.tensors().values()} == {"meta"}
+    arch, spec = resolve(recipe.model, llm_config_for(recipe.model.llm))
+    dit = FuseDiTTransformer(arch.model_dump(), spec.model_dump(), sample_size=recipe.model.latent_size).to("meta")
+    loss = flow.loss(dit, on_meta.x0, text, on_meta.sigmas, on_meta.noise)
+    loss.backward()
+    assert loss.device.type == "meta" and all(p.grad is not None for p in dit.blocks.parameters())
+    with pytest.raises(RuntimeError):  # the check has teeth: a mask left on the host fails there
+        flow.loss(dit, on_meta.x0, type(text)(mask=inputs.text.where(inputs.drop, feats.uncond).mask,
+                                              kv=text.kv), on_meta.sigmas, on_meta.noise)
+
+
+def test_inputs_made_ahead_equal_inputs_made_in_step(cache):
+    recipe, data = cache
+    feats = open_features(recipe, str(data), batch_size=2, seed=4, rank=1, world=2)
+    flow = RectifiedFlow(recipe.flow)
+
+    def inputs():
+        return make_inputs(feats.batches(3), 3, 4, 2, 9, flow, 0.3, feats.latent_shift, feats.latent_scale)
+
+    direct = [next(it) for it in [inputs()] for _ in range(5)]
+    with Prefetch(inputs(), depth=2) as ahead:
+        made = [next(ahead) for _ in range(5)]
+    for a, b in zip(direct, made, strict=True):
+        assert a.step == b.step and a.captions == b.captions
+        for x, y in [(a.x0, b.x0), (a.sigmas, b.sigmas), (a.noise, b.noise), (a.drop, b.drop)]:
+            assert torch.equal(x, y)
+        assert all(torch.equal(a.text.tensors()[k], v) for k, v in b.text.tensors().items())
+    assert [i.step for i in direct] == [3, 4, 5, 6, 7]
+
+
+def test_prefetch_keeps_order_raises_where_the_error_is_and_stops():
+    def items():
+        yield from range(3)
+        raise ValueError("shard 7 is gone")
+
+    got = []
+    with Prefetch(items(), depth=1) as p, pytest.raises(ValueError, match="shard 7"):
+        for x in p:
+            got.append(x)
+    assert got == [0, 1, 2]
+
+    made = []
+
+    def endless():
+        while True:
+            made.append(len(made))
+            yield made[-1]
+
+    p = Prefetch(endless(), depth=2)
+    assert [next(p) for _ in range(4)] == [0, 1, 2, 3]
+    time.sleep(0.2)
+    assert len(made) <= 4 + 2 + 1  # bounded: never more than `depth` ahead (plus the one being put)
+    p.close()
+    assert not any(t.name == "step-inputs" and t.is_alive() for t in threading.enumerate() if t is p._thread)
+
+
+def test_losses_are_read_back_in_batches_and_a_nan_stops_before_the_save(tmp_path):
+    d = distributed.Dist(0, 1, torch.device("cpu"), "single")
+    logs = TrainLogs(str(tmp_path), "base", 0, d)
+    for step, value in enumerate([0.5, 0.25, float("nan"), 0.1], start=1):
+        logs.step(step, torch.tensor(value), 1e-3, 4)
+    assert logs.rows == [] and len(logs.pending) == 4  # nothing read back yet
+    with pytest.raises(RuntimeError, match="loss is nan at step 3"):
+        logs.settle()
+    assert [r[:2] for r in logs.rows] == [(1, 0.5), (2, 0.25)]
+    logs.step(5, torch.tensor(0.125), 1e-3, 4)
+    assert logs.settle() == 0.125 and logs.rows[-1][:2] == (5, 0.125)
+    logs.close()
+    assert (tmp_path / "loss.tsv").read_text().splitlines()[1:] == [
+        f"{s}\t{v:.6f}\t0.001\t{ips:.2f}" for s, v, _, ips in logs.rows]
