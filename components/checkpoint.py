@@ -143,5 +143,8 @@ def prune(root: str, keep_last: int) -> None:
     for s in steps(root):
         if s < cutoff:
             dest = storage.join(root, f"step-{s:08d}")
+            marker = storage.join(dest, MARKER)
+            if storage.exists(marker):  # uncommit first: a prune killed midway leaves no step that looks whole
+                storage.remove(marker)
             for uri in (storage.list_uris(dest) if storage.is_s3(dest) else [dest]):
                 storage.remove(uri)

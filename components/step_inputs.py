@@ -33,7 +33,7 @@ class StepInputs:
     sigmas: torch.Tensor
     noise: torch.Tensor
     drop: torch.Tensor  # caption dropped (bool)
-    captions: list[str]
+    captions: list[str]  # the captions trained on: "" where dropped
     text: TextContext | None  # cached text features; None when the LLM runs in the step
 
     def pin(self) -> StepInputs:
@@ -50,9 +50,7 @@ class StepInputs:
 
     def text_or_captions(self, uncond: TextContext | None) -> TextContext | list[str]:
         """Cached features with dropped captions swapped for the empty caption's; else the captions."""
-        if self.text is not None:
-            return self.text.where(self.drop, uncond)
-        return ["" if dropped else c for dropped, c in zip(self.drop.tolist(), self.captions, strict=True)]
+        return self.captions if self.text is None else self.text.where(self.drop, uncond)
 
 
 def make_inputs(batches: Iterator[Batch], start: int, global_batch: int, offset: int, seed: int, flow,
@@ -72,21 +70,26 @@ def make_inputs(batches: Iterator[Batch], start: int, global_batch: int, offset:
         post = torch.randn(shape, generator=g)[mine].to(batch.mean.device)
         noise = torch.randn(shape, generator=g)[mine]
         x0 = sample_x0(batch.mean, batch.logvar, shift, scale, noise=post)
-        yield StepInputs(step, x0, sigmas, noise, drop, batch.captions, batch.text)
+        captions = ["" if dropped else c for dropped, c in zip(drop.tolist(), batch.captions, strict=True)]
+        yield StepInputs(step, x0, sigmas, noise, drop, captions, batch.text)
         step += 1
 
 
 class Prefetch:
-    """Runs an iterator `depth` items ahead in a daemon thread; its errors surface at the item they hit."""
+    """Runs an iterator `depth` items ahead in a daemon thread; its errors surface at the item they hit.
+
+    Depth 0 makes each item when it is asked for, on the caller's thread."""
 
     _END = object()
 
     def __init__(self, items: Iterator, depth: int = 2, prepare: Callable | None = None):
         self._items, self._prepare = items, prepare or (lambda x: x)
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, name="step-inputs", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if depth:
+            self._thread = threading.Thread(target=self._fill, name="step-inputs", daemon=True)
+            self._thread.start()
 
     def _fill(self) -> None:
         try:
@@ -110,6 +113,8 @@ class Prefetch:
         return self
 
     def __next__(self):
+        if self._thread is None:
+            return self._prepare(next(self._items))
         ok, item = self._queue.get()
         if not ok:
             raise item
@@ -120,7 +125,8 @@ class Prefetch:
     def close(self) -> None:
         """Stop the thread (it may be blocked on a full queue or inside a read; it is a daemon either way)."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def __enter__(self):
         return self

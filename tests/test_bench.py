@@ -67,3 +67,17 @@ def test_gpu_bench_runs_every_row_on_cpu(tmp_path):
     assert len(table) == 2 + len(rows)
     for row in rows:
         assert any(f"| {row['kind']} | tiny | {row['setting']} | {row['batch']} |" in line for line in table), row
+
+
+def test_train_loop_bench_rows_train_the_same_numbers():
+    """bench/train_loop.py runs the real trainer per loop setting; a loop setting changes no number."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, str(BENCH / "train_loop.py"), "--samples", "24", "--batch-size", "4",
+                          "--steps", "8", "--warmup", "3", "--ema-every", "2", "--rows", "eager"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=BENCH.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln.strip("|").split("|") for ln in out.stdout.splitlines() if ln.startswith("| ") and "x |" in ln]
+    assert [r[0].strip() for r in rows] == ["in-step inputs, eager, EMA on host", "inputs ahead, eager, EMA on host",
+                                            "inputs ahead, eager, EMA auto"]
+    assert all(float(r[1]) > 0 for r in rows)
+    assert len({r[3].strip() for r in rows}) == 1, rows  # the same final loss, to the printed digit

@@ -94,7 +94,8 @@ def test_inputs_made_ahead_equal_inputs_made_in_step(cache):
     def inputs():
         return make_inputs(feats.batches(3), 3, 4, 2, 9, flow, 0.3, feats.latent_shift, feats.latent_scale)
 
-    direct = [next(it) for it in [inputs()] for _ in range(5)]
+    with Prefetch(inputs(), depth=0) as in_step:  # made when asked for, on this thread
+        direct = [next(in_step) for _ in range(5)]
     with Prefetch(inputs(), depth=2) as ahead:
         made = [next(ahead) for _ in range(5)]
     for a, b in zip(direct, made, strict=True):
@@ -145,3 +146,39 @@ def test_losses_are_read_back_in_batches_and_a_nan_stops_before_the_save(tmp_pat
     logs.close()
     assert (tmp_path / "loss.tsv").read_text().splitlines()[1:] == [
         f"{s}\t{v:.6f}\t0.001\t{ips:.2f}" for s, v, _, ips in logs.rows]
+
+
+def test_ema_update_is_the_lerp_and_lives_where_memory_allows(monkeypatch):
+    from types import SimpleNamespace
+
+    from fusedit.components.train import EMA, _ema_on_device
+    from fusedit.components.train_config import Stage
+
+    g = torch.Generator().manual_seed(0)
+    w0 = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
+    ema = EMA(w0, decay=0.9)
+    steps = [{k: torch.randn(v.shape, generator=g) for k, v in w0.items()} for _ in range(2)]
+    for w in steps:
+        ema.update(w)
+    for k in w0:
+        ref = w0[k].clone()
+        for w in steps:
+            ref = 0.9 * ref + 0.1 * w[k]
+        assert torch.allclose(ema.state()[k], ref, atol=1e-6)
+    assert ema.nbytes == 17 * 4
+
+    big = EMA({}, 0.99)
+    big.shadow = {"w": torch.empty(2 * 2**30 // 4, device="meta")}  # 2 GiB of fp32 weights
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: SimpleNamespace(total_memory=80 * gib))
+    cuda = distributed.Dist(0, 1, torch.device("cuda", 0), "single")
+
+    def where(peak_gib: float, **stage) -> bool:
+        monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda _d: int(peak_gib * gib))
+        return _ema_on_device(Stage(name="s", steps=1, **stage), cuda, big)
+
+    assert where(70) and not where(77)  # 10 GiB left holds 2 GiB + 2 spare; 3 GiB does not
+    assert not where(10, ema_device="host") and where(79, ema_device="device")
+    assert not _ema_on_device(Stage(name="s", steps=1), distributed.Dist(0, 2, torch.device("cuda", 0), "fsdp"), big)
+    assert not _ema_on_device(Stage(name="s", steps=1, ema_device="device"),
+                              distributed.Dist(0, 1, torch.device("cpu"), "single"), big)
