@@ -2,8 +2,8 @@
 
 Where `train_step.py` times a bare step, this times everything a stage does per step: reading and
 decoding the cache, the step's random draws, the copy to the device, the step, the EMA update and the
-loss logging. Rows: inputs made in the step vs ahead on a thread, eager vs compiled blocks, EMA on the
-host vs beside the weights. Images/s is the steady rate after the first `--warmup` steps (compilation).
+loss logging. Rows: eager vs compiled blocks, EMA on the host vs beside the weights (auto), inputs
+made in the step vs ahead on a thread. Images/s is the steady rate after the first `--warmup` steps.
 Usage: python bench/train_loop.py [--samples 256] [--batch-size 16] [--steps 60] [--llm tiny-gemma]
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ from fusedit.model.config import load_recipe
 
 ROWS = {  # label -> Stage fields
     "in-step inputs, eager, EMA on host": {"prefetch": 0, "compile": "none", "ema_device": "host"},
+    "in-step inputs, eager, EMA auto": {"prefetch": 0, "compile": "none", "ema_device": "auto"},
+    "in-step inputs, compiled blocks, EMA auto": {"prefetch": 0, "compile": "blocks", "ema_device": "auto"},
     "inputs ahead, eager, EMA on host": {"prefetch": 2, "compile": "none", "ema_device": "host"},
-    "inputs ahead, eager, EMA auto": {"prefetch": 2, "compile": "none", "ema_device": "auto"},
-    "inputs ahead, compiled blocks, EMA auto": {"prefetch": 2, "compile": "blocks", "ema_device": "auto"},
 }
 
 

@@ -39,7 +39,8 @@ class Stage(BaseModel):
     activation_checkpointing: bool = False  # recompute DiT blocks in the backward (memory for speed)
     # torch.compile each DiT block (text padded to a fixed length: one graph); auto = on CUDA only
     compile: Literal["auto", "none", "blocks"] = "auto"
-    prefetch: int = Field(2, ge=0)  # steps whose inputs are read and drawn ahead on a thread (0: in the step)
+    # steps whose inputs are read ahead on a thread: pays when reads stall (S3), costs GIL time otherwise
+    prefetch: int = Field(0, ge=0)
     # where the EMA weights live: auto = on the GPU beside unsharded weights when the memory left holds them
     ema_device: Literal["auto", "host", "device"] = "auto"
 

@@ -77,7 +77,7 @@ def test_train_loop_bench_rows_train_the_same_numbers():
                          capture_output=True, text=True, timeout=600, env=env, cwd=BENCH.parent)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [ln.strip("|").split("|") for ln in out.stdout.splitlines() if ln.startswith("| ") and "x |" in ln]
-    assert [r[0].strip() for r in rows] == ["in-step inputs, eager, EMA on host", "inputs ahead, eager, EMA on host",
-                                            "inputs ahead, eager, EMA auto"]
+    assert [r[0].strip() for r in rows] == ["in-step inputs, eager, EMA on host", "in-step inputs, eager, EMA auto",
+                                            "inputs ahead, eager, EMA on host"]
     assert all(float(r[1]) > 0 for r in rows)
     assert len({r[3].strip() for r in rows}) == 1, rows  # the same final loss, to the printed digit
