@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fusedit.components import checkpoint, distributed, storage
-from fusedit.components.step_inputs import Prefetch, make_inputs
+from fusedit.components.step_inputs import Prefetch, StepInputs, make_inputs
 from fusedit.components.train_config import Stage, load_train_params
 from fusedit.components.train_logs import TrainLogs
 from fusedit.errors import UserError
@@ -33,6 +33,7 @@ from fusedit.model.transformer import FuseDiTTransformer
 
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved on SIGTERM, rerun to resume
+COMPILE_BACKEND = "inductor"
 
 
 class Preempted(Exception):
@@ -155,6 +156,17 @@ def _compiles(stage: Stage, device: torch.device) -> bool:
     return stage.compile == "blocks" or (stage.compile == "auto" and device.type == "cuda")
 
 
+def _uncompile(dit: FuseDiTTransformer, stage: str, exc: Exception) -> bool:
+    """Undo `Module.compile` on every block after a failed compilation (compile: auto); False."""
+    cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # dynamo wraps the compiler's error
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    log.warning("stage '%s': compiling the DiT blocks failed (%s: %s); training eagerly instead",
+                stage, type(cause).__name__, first)
+    for block in dit.blocks:
+        block._compiled_call_impl = None
+    return False
+
+
 def _precision(stage: Stage, device: torch.device):
     bf16 = stage.precision == "bf16" or (stage.precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -210,7 +222,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     denoiser = Denoiser(dit, encoder, text_len).to(d.device)
     if compiled:  # in place: parameter names (checkpoints, EMA) stay as they are
         for block in dit.blocks:
-            block.compile()
+            block.compile(backend=COMPILE_BACKEND)
 
     ema = EMA(dit.state_dict(), st.ema_decay)
     ckpt_root = storage.join(output, "checkpoints")
@@ -267,6 +279,13 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
             logs.flush()
         distributed.barrier(d)
 
+    def forward_backward(inputs: StepInputs) -> torch.Tensor:
+        with _precision(st, d.device):
+            loss = flow.loss(model, inputs.x0, inputs.text_or_captions(uncond), inputs.sigmas, inputs.noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
     from tqdm import tqdm
 
     sampler = _Sampler(rec, st, logs.root) if d.main else None
@@ -279,10 +298,14 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     with _SigtermFlag() as sigterm, prefetch:
         for step in bar:
             inputs = next(prefetch).to(d.device)
-            with _precision(st, d.device):
-                loss = flow.loss(model, inputs.x0, inputs.text_or_captions(uncond), inputs.sigmas, inputs.noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                loss = forward_backward(inputs)
+            except Exception as exc:  # only a failed compilation under compile: auto is retried, eagerly
+                retry = compiled and st.compile == "auto" and step == start and d.world == 1  # DDP: no retry
+                if not retry or isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                compiled = _uncompile(dit, st.name, exc)
+                loss = forward_backward(inputs)
             torch.nn.utils.clip_grad_norm_([p for gr in groups for p in gr["params"]], st.grad_clip)
             opt.step()
             sched.step()

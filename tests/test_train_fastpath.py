@@ -182,3 +182,24 @@ def test_ema_update_is_the_lerp_and_lives_where_memory_allows(monkeypatch):
     assert not _ema_on_device(Stage(name="s", steps=1), distributed.Dist(0, 2, torch.device("cuda", 0), "fsdp"), big)
     assert not _ema_on_device(Stage(name="s", steps=1, ema_device="device"),
                               distributed.Dist(0, 1, torch.device("cpu"), "single"), big)
+
+
+def test_compile_auto_falls_back_to_eager_when_compilation_fails(tmp_path, cache, monkeypatch, caplog):
+    """`compile: auto` (a GPU default) must not stop a stage where the compiler cannot run; `blocks` does."""
+    from fusedit.components import train as train_module
+
+    def broken(_gm, _inputs):
+        raise RuntimeError("no working compiler here")
+
+    recipe, data = cache
+    eager = train(recipe, "base", str(data), str(tmp_path / "eager"), _params(tmp_path, compile="none"))
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", broken)
+    monkeypatch.setattr(train_module, "_compiles", lambda _st, _dev: True)  # as on CUDA
+    torch._dynamo.reset()
+    fallback = train(recipe, "base", str(data), str(tmp_path / "auto"), _params(tmp_path, compile="auto"))
+    assert "compiling the DiT blocks failed" in caplog.text and "no working compiler here" in caplog.text
+    assert _losses(tmp_path / "auto") == _losses(tmp_path / "eager")
+    assert fallback.final_loss == eager.final_loss
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no working compiler here"):
+        train(recipe, "base", str(data), str(tmp_path / "blocks"), _params(tmp_path, compile="blocks"))
