@@ -54,8 +54,10 @@ class StepInputs:
 
 
 def make_inputs(batches: Iterator[Batch], start: int, global_batch: int, offset: int, seed: int, flow,
-                dropout: float, shift: float, scale: float) -> Iterator[StepInputs]:
+                dropout: float, shift: float, scale: float, cached_text: bool = True) -> Iterator[StepInputs]:
     """The inputs of steps start, start+1, ...: the global step's draws, sliced to this rank's samples.
+
+    Without `cached_text` (the LLM runs in the step, e.g. it trains) the captions are the text input.
 
     `offset` is where this rank's samples start in the global batch; a batch shorter than the rank's
     share (an unreadable sample was skipped) takes the first draws of its slice.
@@ -71,7 +73,7 @@ def make_inputs(batches: Iterator[Batch], start: int, global_batch: int, offset:
         noise = torch.randn(shape, generator=g)[mine]
         x0 = sample_x0(batch.mean, batch.logvar, shift, scale, noise=post)
         captions = ["" if dropped else c for dropped, c in zip(drop.tolist(), batch.captions, strict=True)]
-        yield StepInputs(step, x0, sigmas, noise, drop, captions, batch.text)
+        yield StepInputs(step, x0, sigmas, noise, drop, captions, batch.text if cached_text else None)
         step += 1
 
 

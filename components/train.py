@@ -291,7 +291,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     sampler = _Sampler(rec, st, logs.root) if d.main else None
     model.train()
     host = make_inputs(features.batches(start), start, st.batch_size, d.rank * local_batch, seed, flow,
-                       rec.flow.caption_dropout, features.latent_shift, features.latent_scale)
+                       rec.flow.caption_dropout, features.latent_shift, features.latent_scale, cached_text)
     prefetch = Prefetch(host, st.prefetch, prepare=lambda x: x.pin() if d.device.type == "cuda" else x)
     bar = tqdm(range(start, st.steps), initial=start, total=st.steps, desc=st.name, disable=not d.main)
     t_log, ema_placed = time.perf_counter(), False

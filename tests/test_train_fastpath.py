@@ -203,3 +203,14 @@ def test_compile_auto_falls_back_to_eager_when_compilation_fails(tmp_path, cache
     torch._dynamo.reset()
     with pytest.raises(Exception, match="no working compiler here"):
         train(recipe, "base", str(data), str(tmp_path / "blocks"), _params(tmp_path, compile="blocks"))
+
+
+def test_a_stage_that_trains_the_llm_reads_captions_from_a_cache(tmp_path, cache):
+    """trains: dit+llm on a feature cache computes the text online from the cached captions: the same
+    curve as the same stage on the shards the cache was built from."""
+    recipe, data = cache
+    params = _params(tmp_path, trains="dit+llm", llm_lr=1e-3, compile="none")
+    from_cache = train(recipe, "base", str(data), str(tmp_path / "cache"), params)
+    from_shards = train(recipe, "base", str(data.parent / "in"), str(tmp_path / "shards"), params)
+    assert from_cache.llm_trainable_params > 0
+    assert _losses(tmp_path / "cache") == pytest.approx(_losses(tmp_path / "shards"), rel=1e-5)
