@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-Strategy = Literal["auto", "ddp", "fsdp"]
+Strategy = Literal["auto", "ddp", "fsdp", "hsdp"]
 
 
 @dataclass
@@ -22,8 +22,14 @@ class Dist:
     rank: int
     world: int
     device: torch.device
-    strategy: str  # "single", "ddp", "fsdp" or "spmd"
+    strategy: str  # "single", "ddp", "fsdp", "hsdp" or "spmd"
     host: int = 0  # SPMD over a multi-host slice: this host's index (every host runs the same program)
+    shard_group: int | None = None  # hsdp: ranks that shard one replica (default: torchrun's LOCAL_WORLD_SIZE)
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 over all ranks, or HSDP (sharded within a group, replicated across groups)."""
+        return self.strategy in ("fsdp", "hsdp")
 
     @property
     def main(self) -> bool:
@@ -44,7 +50,7 @@ def parse_device(name: str) -> torch.device:
         raise UserError(f"--device {name}: CUDA is not available on this machine")
     return dev
 
-def setup(device: str | None, strategy: Strategy = "auto") -> Dist:
+def setup(device: str | None, strategy: Strategy = "auto", shard_group: int | None = None) -> Dist:
     """Read torchrun's environment; start the process group when there are several ranks.
 
     `device="xla"` selects the torch-xla SPMD path (TPU, or XLA on the CPU): one process drives every
@@ -66,7 +72,7 @@ def setup(device: str | None, strategy: Strategy = "auto") -> Dist:
         return Dist(0, 1, dev, "single")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, dev, "ddp" if strategy == "auto" else strategy)
+    return Dist(rank, world, dev, "ddp" if strategy == "auto" else strategy, shard_group=shard_group)
 
 
 def wrap(model: nn.Module, d: Dist, shard_units: list[nn.Module]) -> nn.Module:
@@ -75,17 +81,31 @@ def wrap(model: nn.Module, d: Dist, shard_units: list[nn.Module]) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    if d.strategy == "fsdp":
+    if d.sharded:
         from torch.distributed.fsdp import fully_shard
 
+        mesh = hsdp_mesh(d) if d.strategy == "hsdp" else None
         for unit in shard_units:
-            fully_shard(unit)
-        fully_shard(model)
+            fully_shard(unit, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     if d.strategy == "spmd":
         from fusedit.components import xla
 
         xla.shard(model)
     return model
+
+
+def hsdp_mesh(d: Dist):
+    """(replicas, shard_group) device mesh: parameters sharded within a group (a node, over NVLink) and
+    replicated across groups, so only gradient shards cross the slower network between nodes."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fusedit.errors import UserError
+
+    group = d.shard_group or int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+    if group <= 0 or d.world % group:
+        raise UserError(f"strategy hsdp: {d.world} ranks do not split into shard groups of {group} (shard_group)")
+    return init_device_mesh(d.device.type, (d.world // group, group), mesh_dim_names=("replicate", "shard"))
 
 
 def step_end(d: Dist) -> None:
@@ -102,7 +122,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def full_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     """The whole model's weights on CPU, on every rank (a collective under FSDP)."""
-    if d.strategy == "fsdp":
+    if d.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
@@ -110,7 +130,7 @@ def full_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
 
 
 def load_full_state(model: nn.Module, sd: dict[str, torch.Tensor], d: Dist) -> None:
-    if d.strategy == "fsdp":
+    if d.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -119,7 +139,7 @@ def load_full_state(model: nn.Module, sd: dict[str, torch.Tensor], d: Dist) -> N
 
 
 def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, d: Dist) -> dict:
-    if d.strategy == "fsdp":
+    if d.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
@@ -131,7 +151,7 @@ def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, d: Dist) -> di
 
 
 def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict, d: Dist) -> None:
-    if d.strategy == "fsdp":
+    if d.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))

@@ -117,8 +117,8 @@ class EMA:
 
 def _ema_on_device(st: Stage, d: distributed.Dist, ema: EMA) -> bool:
     """Where the EMA lives: beside unsharded weights on a GPU when the memory left after the steps so far
-    holds it with 2 GiB to spare (auto), on the host under FSDP (it is kept whole)."""
-    if st.ema_device == "host" or d.device.type != "cuda" or d.strategy == "fsdp":
+    holds it with 2 GiB to spare (auto), on the host under FSDP/HSDP (it is kept whole)."""
+    if st.ema_device == "host" or d.device.type != "cuda" or d.sharded:
         return False
     if st.ema_device == "device":
         return True
@@ -179,7 +179,7 @@ def train(recipe: str | Recipe, stage: str, data: str, output: str, params: str 
     st = tp.stage(stage)
     ov = list(overrides or []) + ([f"model.resolution={st.resolution}"] if st.resolution else [])
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, ov)
-    d = distributed.setup(device, st.strategy)
+    d = distributed.setup(device, st.strategy, st.shard_group)
     try:
         return _train(rec, st, tp.seed, data, output, d)
     finally:
@@ -266,7 +266,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
 
     def live_weights() -> dict[str, torch.Tensor]:
         """The DiT's weights as they are (no copy) where they are whole; gathered under FSDP."""
-        return weights()["model"] if d.strategy == "fsdp" else core.dit.state_dict()
+        return weights()["model"] if d.sharded else core.dit.state_dict()
 
     def save(step: int) -> None:
         loss_val = logs.settle()

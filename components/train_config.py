@@ -34,7 +34,8 @@ class Stage(BaseModel):
     sample_every: int = Field(0, ge=0)  # 0: only at the end
     sample_prompts: list[str] = ["two red circles to the left of a blue square", "a green triangle"]
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # several ranks (torchrun): auto = DDP
+    strategy: Literal["auto", "ddp", "fsdp", "hsdp"] = "auto"  # several ranks (torchrun): auto = DDP
+    shard_group: int | None = Field(None, gt=0)  # hsdp: ranks per shard group (default: one node's ranks)
     max_bad_sample_rate: float = Field(0.01, ge=0, le=1)  # unreadable samples skipped; more of the data: error
     activation_checkpointing: bool = False  # recompute DiT blocks in the backward (memory for speed)
     # torch.compile each DiT block (text padded to a fixed length: one graph); auto = on CUDA only

@@ -1,4 +1,4 @@
-"""torchrun with 2 CPU processes (gloo) trains like 1 process with the same global batch (DDP and FSDP2)."""
+"""torchrun with 2 CPU processes (gloo) trains like 1 process with the same global batch (DDP, FSDP2, HSDP)."""
 from __future__ import annotations
 
 import os
@@ -16,9 +16,9 @@ from tests.test_train import _losses
 BIN = Path(sys.executable).parent
 
 
-def _params(tmp_path: Path, strategy: str) -> Path:
+def _params(tmp_path: Path, strategy: str, **extra) -> Path:
     stage = {"name": "base", "steps": 4, "batch_size": 4, "save_every": 4, "ema_every": 2, "log_every": 1,
-             "strategy": strategy, "sample_prompts": ["a red square"]}
+             "strategy": strategy, "sample_prompts": ["a red square"], **extra}
     p = tmp_path / f"params-{strategy}.yaml"
     p.write_text(yaml.safe_dump({"train": {"seed": 3, "stages": [stage]}}))
     return p
@@ -34,9 +34,13 @@ def _train(prefix: list[str], tiny_dir, data, params, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, tiny_dir, filtered, strategy):
-    params = _params(tmp_path, strategy)
+@pytest.mark.parametrize("strategy, extra", [
+    ("ddp", {}), ("fsdp", {}),
+    ("hsdp", {}),  # one shard group of torchrun's LOCAL_WORLD_SIZE (a node)
+    ("hsdp", {"shard_group": 1}),  # two replicas of one shard each: the across-node path of HSDP
+])
+def test_two_processes_match_one(tmp_path, tiny_dir, filtered, strategy, extra):
+    params = _params(tmp_path, strategy, **extra)
     _train([str(BIN / "fusedit")], tiny_dir, filtered, params, tmp_path / "one")
     torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "fusedit")]
     _train(torchrun, tiny_dir, filtered, params, tmp_path / "two")
