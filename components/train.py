@@ -28,6 +28,7 @@ from fusedit.components.train_logs import TrainLogs
 from fusedit.errors import UserError
 from fusedit.model.config import Recipe, load_recipe, resolve
 from fusedit.model.flow import RectifiedFlow
+from fusedit.model.layers import fp8_hardware
 from fusedit.model.text import TextContext, TextEncoder, llm_config_for, load_llm, load_tokenizer
 from fusedit.model.transformer import FuseDiTTransformer
 
@@ -198,6 +199,10 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     dit = FuseDiTTransformer(arch.model_dump(), spec.model_dump(), sample_size=m.latent_size)
     if st.activation_checkpointing:  # recompute each block in the backward: less memory, a bigger batch fits
         dit.enable_gradient_checkpointing()
+    if st.fp8_matmuls:
+        n = dit.use_fp8_matmuls()
+        log.info("stage '%s': %d projections %s", st.name, n,
+                 "in FP8" if fp8_hardware() else "left in full precision (this device has no FP8 matmul)")
     train_llm = st.trains == "dit+llm"
 
     from fusedit.components.features import open_features

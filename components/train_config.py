@@ -42,6 +42,9 @@ class Stage(BaseModel):
     compile: Literal["auto", "none", "blocks"] = "auto"
     # steps whose inputs are read ahead on a thread: pays when reads stall (S3), costs GIL time otherwise
     prefetch: int = Field(0, ge=0)
+    # attention and MLP projections in FP8 (e4m3/e5m2, per-tensor scales) where the GPU has it; compare the
+    # loss curve with a bf16 run before trusting it (plain matmuls elsewhere: the same numbers)
+    fp8_matmuls: bool = False
     # where the EMA weights live: auto = on the GPU beside unsharded weights when the memory left holds them
     ema_device: Literal["auto", "host", "device"] = "auto"
 

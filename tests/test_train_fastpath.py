@@ -214,3 +214,17 @@ def test_a_stage_that_trains_the_llm_reads_captions_from_a_cache(tmp_path, cache
     from_shards = train(recipe, "base", str(data.parent / "in"), str(tmp_path / "shards"), params)
     assert from_cache.llm_trainable_params == from_shards.llm_trainable_params > 0
     assert _losses(tmp_path / "cache") == pytest.approx(_losses(tmp_path / "shards"), rel=1e-5)
+
+
+def test_fp8_stage_option_keeps_parameter_names_and_without_fp8_hardware_the_numbers(tmp_path, cache, caplog):
+    from safetensors.torch import load_file
+
+    recipe, data = cache
+    caplog.set_level("INFO")
+    plain = train(recipe, "base", str(data), str(tmp_path / "plain"), _params(tmp_path, compile="none"))
+    fp8 = train(recipe, "base", str(data), str(tmp_path / "fp8"), _params(tmp_path, compile="none", fp8_matmuls=True))
+    assert "projections left in full precision (this device has no FP8 matmul)" in caplog.text
+    assert _losses(tmp_path / "fp8") == _losses(tmp_path / "plain") and fp8.final_loss == plain.final_loss
+    a, b = (load_file(str(tmp_path / o / "checkpoints" / "step-00000004" / "model.safetensors"))
+            for o in ("plain", "fp8"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
