@@ -184,7 +184,8 @@ def run_local(
     out.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "root"),
                raise_on_error=True)
-    build(Options(params_doc=doc, source="synth"))(recipe="tiny", device="cpu", cache_dtype="fp32",
+    # no retries: on one machine a failed task is reported at once, not after 60 + 120 + 240 s of backoff
+    build(Options(params_doc=doc, source="synth", retries=0))(recipe="tiny", device="cpu", cache_dtype="fp32",
                                    train_output_root=str(out / "train"), eval_output_uri=str(out / "eval"))
     collect(out / "root", out)
     typer.echo(f"metrics: {out}/filtered/metrics.json, {out}/train/<stage>/metrics.json, {out}/eval/metrics.json")
