@@ -1,8 +1,8 @@
-"""The host side of each training step, made one or two steps ahead in a thread while the device trains.
+"""The host side of each training step: the batch, its random draws, and the copy to the device.
 
 Every draw of step s (caption dropout, timesteps, posterior and flow noise) comes from that step's own
-generator, so making the inputs early and on another thread changes no number. On a GPU the batch is
-pinned and copied without blocking, so reading shards never stalls the device.
+generator, so making the inputs early, or on another thread (`Prefetch`, for reads that stall), changes
+no number. On a GPU the batch is pinned and copied without blocking the host.
 """
 from __future__ import annotations
 
