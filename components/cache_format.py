@@ -135,8 +135,8 @@ def text_tensors(text: TextContext, i: int, dtype: torch.dtype) -> dict[str, tor
     return {k: t.detach().to("cpu", dtype).contiguous() for k, t in out.items()}
 
 
-def text_from_tensors(items: list[dict[str, torch.Tensor]], dtype=torch.float32, device="cpu") -> TextContext:
-    """Stack per-sample unpadded text features into one right-padded TextContext (zeros as padding)."""
+def text_from_tensors(items: list[dict[str, torch.Tensor]], dtype=torch.float32) -> TextContext:
+    """Stack per-sample unpadded text features into one right-padded TextContext (zeros as padding), on the host."""
     first = items[0]
     n_kv = sum(1 for k in first if k.startswith("k"))
     lengths = [(t["k0"].shape[1] if n_kv else t["states"].shape[0]) for t in items]
@@ -149,14 +149,14 @@ def text_from_tensors(items: list[dict[str, torch.Tensor]], dtype=torch.float32,
             shape = list(x.shape)
             shape[dim] = T - n
             padded.append(torch.cat([x, x.new_zeros(shape)], dim) if T > n else x)
-        return torch.stack(padded).to(device, dtype)
+        return torch.stack(padded).to(dtype=dtype)
 
     mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
     return TextContext(
-        mask=mask.to(device),
+        mask=mask,
         kv=tuple((stack(f"k{j}", 1), stack(f"v{j}", 1)) for j in range(n_kv)),
         states=stack("states", 0) if "states" in first else None,
-        pooled=torch.stack([t["pooled"] for t in items]).to(device, dtype) if "pooled" in first else None,
+        pooled=torch.stack([t["pooled"] for t in items]).to(dtype=dtype) if "pooled" in first else None,
     )
 
 

@@ -136,7 +136,7 @@ class _Source:
 
 class CachedFeatures(_Source):
     """Reads `fusedit cache build` output: no LLM and no VAE in memory. Batches are in host memory: the
-    trainer pins them and copies them to its device while the previous step runs."""
+    trainer pins each one and copies it to its device without blocking the host."""
 
     def __init__(self, uri: str, manifest: dict, batch_size: int, seed: int, rank: int, world: int,
                  max_bad_rate: float = 0.01):
