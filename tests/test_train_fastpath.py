@@ -60,7 +60,7 @@ def test_compiled_blocks_train_the_same_curve(tmp_path, cache):
     assert len(a) == len(b) == 4 and a[0] > 0
     assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
     assert compiled.final_loss == pytest.approx(eager.final_loss, rel=1e-4)
-    # in-place compile keeps parameter names: the compiled run's checkpoint resumes the eager run
+    # in-place compile keeps parameter names: a compiled run resumes the eager run's checkpoint
     again = train(recipe, "base", str(data), str(tmp_path / "eager"), _params(tmp_path, compile="blocks",
                                                                                    steps=6))
     assert again.start_step == 4 and len(_losses(tmp_path / "eager")) == 6
