@@ -37,8 +37,7 @@ class TrainLogs:
     def step(self, step: int, loss: torch.Tensor, lr: float, samples: int) -> None:
         """Record a finished step; its loss is read back later, in `settle`."""
         self.seen += samples
-        ips = self.seen * self.d.world / max(time.perf_counter() - self.t0, 1e-9)
-        self.pending.append((step, loss.detach().float().reshape(()), lr, ips))
+        self.pending.append((step, loss.detach().float().reshape(()), lr, self.images_per_s))
 
     def settle(self) -> float:
         """Read the pending losses back (one device sync, one all-reduce) and log them; the last one.
@@ -62,6 +61,7 @@ class TrainLogs:
 
     @property
     def images_per_s(self) -> float:
+        """Samples of every rank per second since the stage (or its resumption) started."""
         return self.seen * self.d.world / max(time.perf_counter() - self.t0, 1e-9)
 
     def flush(self) -> None:
