@@ -61,6 +61,23 @@ def init_tiny(
     typer.echo(f"wrote {out}/llm, {out}/vae, {out}/pipeline")
 
 
+@app.command("import-reference")
+def import_reference_command(
+    src: Path = typer.Argument(..., help="reference transformer directory or whole reference pipeline directory"),
+    out: Path = typer.Option(..., "--out", help="directory to write (transformer/, text_encoder/[, pipeline parts])"),
+    llm: Path | None = typer.Option(None, help="the LLM of a shallow baseline (its checkpoint does not bundle it)"),
+    clip: Path | None = typer.Option(None, help="CLIP text encoder + tokenizer for the text-modulation variant"),
+) -> None:
+    """Import a checkpoint written by the reference implementation (tang-bd/fuse-dit), e.g. the released ones."""
+    from fusedit.model.reference import import_reference
+
+    if not src.is_dir():
+        raise UserError(f"SRC {src}: not a directory")
+    dst = import_reference(src, out, llm=llm, clip=clip)
+    typer.echo(f"wrote {dst} (load it with fusedit.model.load_denoiser, or fusedit generate --pipeline when it "
+               "came from a whole pipeline)")
+
+
 def generate(
     pipeline: Path = typer.Option(..., help="exported pipeline directory"),
     prompt: str = typer.Option(...),

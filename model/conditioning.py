@@ -111,6 +111,12 @@ class NoMod(nn.Module):
 # ---- output norm before proj_out --------------------------------------------------------------
 
 class AdaLNZeroOut(nn.Module):
+    """DiT's output: (shift, scale) from Linear(SiLU(c)) over a plain RMSNorm.
+
+    The reference's version has an affine norm and chunks (scale, shift); the norm's weight folds exactly
+    into the scale rows of the linear (see `fusedit.model.reference`), so the plain norm loses nothing.
+    """
+
     def __init__(self, dim: int):
         super().__init__()
         self.norm = RMSNorm(dim, affine=False)
@@ -122,9 +128,11 @@ class AdaLNZeroOut(nn.Module):
 
 
 class AdaLNSingleOut(nn.Module):
+    """PixArt-alpha's output: an affine RMSNorm, then (shift, scale) = table (2, D) + the timestep embedding."""
+
     def __init__(self, dim: int):
         super().__init__()
-        self.norm = RMSNorm(dim, affine=False)
+        self.norm = RMSNorm(dim)
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
 
     def forward(self, x, c):

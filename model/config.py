@@ -55,6 +55,9 @@ class ModelConfig(Strict):
     vae_subfolder: str | None = "vae"
     vae_scale: int = Field(8, gt=0)  # pixels per latent cell
     pos_embed_max_size: int = Field(64, gt=0)
+    # APE positions are scaled by base / max size. The reference derives base from sample_size // patch_size
+    # and never sets sample_size, so every paper configuration has 32 // 2 = 16, at every resolution.
+    pos_embed_base_size: int = Field(16, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -200,6 +203,7 @@ class DiTArch(Strict):
     in_channels: int
     patch_size: int
     pos_embed_max_size: int
+    pos_embed_base_size: int = 16
     text_dim: int  # LLM width (shallow fusion projects it)
     pooled_dim: int | None
     qk_norm: bool
@@ -218,8 +222,8 @@ def resolve(model: ModelConfig, llm) -> tuple[DiTArch, TextSpec]:
         raise UserError(f"model.dit_num_layers={depth} exceeds the {available} LLM layers after "
                         f"initial_layers={model.initial_layers}: deep fusion pairs every DiT layer with one")
     head_dim = getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
-    if model.pos_embed == "2d-rope" and head_dim % 4:
-        raise UserError(f"model.pos_embed=2d-rope needs head_dim divisible by 4 (got {head_dim})")
+    if model.pos_embed in ("2d-rope", "m-rope") and head_dim % 4:
+        raise UserError(f"model.pos_embed={model.pos_embed} needs head_dim divisible by 4 (got {head_dim})")
     if model.fusion == "shallow" and not -n_llm - 1 <= model.text_layer_index <= n_llm:
         raise UserError(f"model.text_layer_index={model.text_layer_index} is outside the LLM's "
                         f"{n_llm + 1} hidden states")
@@ -237,7 +241,8 @@ def resolve(model: ModelConfig, llm) -> tuple[DiTArch, TextSpec]:
         pos_embed=model.pos_embed, hidden_size=model.dit_hidden_size or llm.hidden_size, num_layers=depth,
         num_heads=llm.num_attention_heads, num_kv_heads=llm.num_key_value_heads, head_dim=head_dim,
         mlp_dim=llm.intermediate_size, in_channels=model.in_channels, patch_size=model.patch_size,
-        pos_embed_max_size=model.pos_embed_max_size, text_dim=llm.hidden_size,
+        pos_embed_max_size=model.pos_embed_max_size, pos_embed_base_size=model.pos_embed_base_size,
+        text_dim=llm.hidden_size,
         pooled_dim=model.text_modulation.dim if model.text_modulation else None,
         qk_norm=model.qk_norm, sandwich_norm=model.sandwich_norm,
         rope_theta=rope.get("rope_theta", getattr(llm, "rope_theta", 10000.0)),

@@ -1,12 +1,15 @@
 """A diffusers-style pipeline: transformer + frozen LLM + tokenizer + VAE + scheduler, safetensors only."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from PIL import Image
 
-from fusedit.model.config import FlowConfig, Recipe, resolve
+from fusedit.errors import UserError
+from fusedit.model.config import FlowConfig, Recipe, TextModulation, resolve
 from fusedit.model.flow import RectifiedFlow, make_scheduler
 from fusedit.model.text import (
     PooledTextEncoder,
@@ -103,3 +106,27 @@ class FuseDiTPipeline(DiffusionPipeline):
             arr = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             out = [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
         return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+
+def load_denoiser(path: str | Path, dtype=torch.float32) -> tuple[TextEncoder, FuseDiTTransformer]:
+    """(text_encoder, transformer) of an exported pipeline or an imported reference checkpoint.
+
+    `text_encoder(input_ids, attention_mask)` takes right-padded token ids and the transformers mask
+    (1 on real tokens) and returns the TextContext; for text modulation pass `captions=` too (the pooled
+    CLIP embedding is its `pooled`). `transformer(latents, timestep, text)` is the velocity prediction
+    for timesteps in [0, 1000], as the reference takes them.
+    """
+    root = Path(path)
+    for part in ("transformer", "text_encoder"):
+        if not (root / part / "config.json").is_file():
+            raise UserError(f"{root}: no {part}/ (expected an exported pipeline or an import directory)")
+    transformer = FuseDiTTransformer.from_pretrained(str(root / "transformer"), use_safetensors=True,
+                                                     torch_dtype=dtype).eval()
+    spec = transformer.text_spec
+    tokenizer = load_tokenizer(str(root / "tokenizer")) if (root / "tokenizer").is_dir() else None
+    pooled = None
+    if (root / "pooled_text_encoder").is_dir():
+        pooled = PooledTextEncoder.load(TextModulation(encoder=str(root), subfolder="pooled_text_encoder",
+                                                       tokenizer_subfolder="pooled_tokenizer"))
+    llm = load_llm(str(root / "text_encoder"), spec.llm_num_layers, dtype)
+    return TextEncoder(llm, tokenizer, spec, pooled), transformer

@@ -199,13 +199,23 @@ class PooledTextEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Captions -> TextContext, exactly as the frozen LLM computes them."""
+    """Captions (or token ids) -> TextContext, exactly as the reference's frozen text stream computes them.
+
+    The shared layers run as the reference runs them: plain scaled-dot-product attention at scale
+    head_dim^-0.5, so Gemma-2's attention-logit soft-capping is off there (text-only layers before them
+    keep it); for the shipped Gemma-2 shapes query_pre_attn_scalar equals head_dim.
+    """
 
     def __init__(self, llm: nn.Module, tokenizer, spec: TextSpec, pooled: PooledTextEncoder | None = None):
         super().__init__()
         self.llm, self.tokenizer, self.spec, self.pooled = llm, tokenizer, spec, pooled
         n_instr = len(tokenizer(spec.instruction, add_special_tokens=False).input_ids) if spec.instruction else 0
         self.max_length = spec.max_length + n_instr
+        for i in spec.layers if spec.kind == "kv" else ():
+            attn = llm.layers[i].self_attn
+            attn.scaling = attn.head_dim**-0.5
+            if hasattr(attn, "attn_logit_softcapping"):
+                attn.attn_logit_softcapping = None
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and mask (padded to the longest caption, truncated to max_length), on the host."""
@@ -230,6 +240,10 @@ class TextEncoder(nn.Module):
                 h.remove()
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, captions: list[str] | None = None) -> TextContext:
+        """Right-padded ids and their mask (bool or the transformers 1/0 mask); captions feed the pooled encoder."""
+        if self.pooled is not None and captions is None:
+            raise UserError("this model's text modulation needs the captions (captions=...) for its pooled encoder")
+        mask = mask.bool()
         all_valid = bool(mask.all()) if mask.device.type == "cpu" else False
         dev = self.llm.embed_tokens.weight.device
         input_ids, mask = input_ids.to(dev), mask.to(dev)

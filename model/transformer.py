@@ -82,6 +82,15 @@ class Route(NamedTuple):
 ROUTES = {"self": Route(_joint_keys, _joint_route), "cross": Route(_text_keys, _cross_route)}
 
 
+def image_offset(a: DiTArch, text: TextContext) -> torch.Tensor:
+    """(B,) first RoPE position of the image: after the real text where text and image are one RoPE'd
+    sequence (deep fusion, joint self-attention), else 0 (shallow text has no RoPE; cross-attention
+    text is a separate sequence), as in the reference."""
+    if a.fusion == "deep" and a.attention == "self":
+        return text.lengths
+    return torch.zeros_like(text.lengths)
+
+
 class FuseDiTTransformer(ModelMixin, ConfigMixin):
     """DiT over image patches whose attention reads text K/V; deep or shallow fusion is where they come from.
 
@@ -178,8 +187,9 @@ class FuseDiTTransformer(ModelMixin, ConfigMixin):
         tokens = self.x_embed(self.patchify(x).to(self.x_embed.weight.dtype))
         rows, cols = grid(h, w, x.device)
         if a.pos_embed == "ape":
-            tokens = tokens + ape(a.hidden_size, h, w, a.pos_embed_max_size, x.device).to(tokens.dtype)
-        rope = IMAGE_ROPE[a.pos_embed](rows, cols, text.lengths, a.head_dim, a.rope_theta, w)
+            table = ape(a.hidden_size, h, w, a.pos_embed_max_size, a.pos_embed_base_size, x.device)
+            tokens = tokens + table.to(tokens.dtype)
+        rope = IMAGE_ROPE[a.pos_embed](rows, cols, image_offset(a, text), a.head_dim, a.rope_theta, w)
         cond = self.t_embed(timestep, text.pooled)
         tokens = tokens + cond.tokens
 

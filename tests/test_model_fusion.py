@@ -12,11 +12,14 @@ from tests.conftest import randomize, tiny_overrides
 from tests.oracle import joint_forward
 
 REFERENCE = [n for n in recipe_names() if not n.startswith("tiny")]
+# positional encodings the paper never paired with these attentions: image positions start at 0 there
+UNPAIRED = [("baselinedit/self-attention", "2d-rope"), ("baselinedit/cross-attention", "1d-rope"),
+            ("fusedit/cross-attention", "m-rope")]
 CAPTIONS = ["two red circles to the left of a blue square", "a star", ""]
 
 
-def build(name, tiny_dir):
-    recipe = load_recipe(name, tiny_overrides(name, tiny_dir))
+def build(name, tiny_dir, **extra):
+    recipe = load_recipe(name, {**tiny_overrides(name, tiny_dir), **extra})
     m = recipe.model
     arch, spec = resolve(m, llm_config_for(m.llm))
     torch.manual_seed(0)
@@ -30,9 +33,9 @@ def test_every_reference_configuration_is_covered():
     assert len(REFERENCE) == 21  # 19 fusedit/* + 2 baselinedit/*
 
 
-@pytest.mark.parametrize("name", REFERENCE)
-def test_cached_equals_joint_attention_oracle(name, tiny_dir):
-    _, dit, enc = build(name, tiny_dir)
+@pytest.mark.parametrize("name,pos", [(n, None) for n in REFERENCE] + UNPAIRED)
+def test_cached_equals_joint_attention_oracle(name, pos, tiny_dir):
+    _, dit, enc = build(name, tiny_dir, **({"model.pos_embed": pos} if pos else {}))
     randomize(dit)
     ids, mask = enc.tokenize(CAPTIONS)
     assert not mask.all(), "the batch must contain padding for this test to mean something"
