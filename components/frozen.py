@@ -13,7 +13,7 @@ from PIL import Image
 
 from fusedit.errors import UserError
 from fusedit.model.config import Recipe
-from fusedit.model.text import PooledTextEncoder, TextEncoder, load_llm, load_tokenizer
+from fusedit.model.text import TextEncoder
 
 IMAGE_MEMBERS = ("image.jpg", "jpg", "jpeg", "png", "webp")
 
@@ -50,17 +50,7 @@ def image_member(members: dict[str, bytes]) -> bytes | None:
 def load_text_encoder(recipe: Recipe, device: torch.device) -> TextEncoder:
     from fusedit.components.cache_format import text_spec
 
-    m = recipe.model
-    spec = text_spec(recipe)
-    try:
-        tok = load_tokenizer(m.tokenizer or m.llm)
-    except (OSError, ValueError) as exc:  # noqa: BLE001 - any loader failure is a bad path or checkpoint
-        raise UserError(f"cannot load tokenizer {m.tokenizer or m.llm!r}: {type(exc).__name__}: {exc}") from None
-    llm = load_llm(m.llm, spec.llm_num_layers).to(device)
-    pooled = PooledTextEncoder.load(m.text_modulation) if m.text_modulation else None
-    if pooled is not None:
-        pooled.to(device)
-    return TextEncoder(llm, tok, spec, pooled).eval()
+    return TextEncoder.load(recipe.model, text_spec(recipe)).to(device)
 
 
 class ImageEncoder:

@@ -29,7 +29,7 @@ from fusedit.errors import UserError
 from fusedit.model.config import Recipe, load_recipe, resolve
 from fusedit.model.flow import RectifiedFlow
 from fusedit.model.layers import fp8_hardware
-from fusedit.model.text import TextContext, TextEncoder, llm_config_for, load_llm, load_tokenizer
+from fusedit.model.text import TextContext, TextEncoder, llm_config_for, load_tokenizer
 from fusedit.model.transformer import FuseDiTTransformer
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
                     st.name)
     encoder = None
     if not cached_text:
-        encoder = TextEncoder(load_llm(m.llm, spec.llm_num_layers), load_tokenizer(m.tokenizer or m.llm), spec)
+        encoder = TextEncoder.load(m, spec)
     llm_params = reachable_llm_params(encoder) if train_llm else []
     compiled = _compiles(st, d.device) and d.strategy != "spmd"
     text_len = None

@@ -48,11 +48,11 @@ class FuseDiTPipeline(DiffusionPipeline):
             from diffusers import AutoencoderKL
 
             vae = AutoencoderKL.from_pretrained(m.vae, **({"subfolder": m.vae_subfolder} if m.vae_subfolder else {}))
-        pooled = PooledTextEncoder.load(m.text_modulation) if m.text_modulation else None
-        return cls(transformer=transformer, text_encoder=load_llm(m.llm, spec.llm_num_layers, dtype),
-                   tokenizer=load_tokenizer(m.tokenizer or m.llm), scheduler=make_scheduler(recipe.flow), vae=vae,
-                   pooled_text_encoder=pooled.model if pooled else None,
-                   pooled_tokenizer=pooled.tokenizer if pooled else None)
+        text = TextEncoder.load(m, spec, dtype)
+        return cls(transformer=transformer, text_encoder=text.llm, tokenizer=text.tokenizer,
+                   scheduler=make_scheduler(recipe.flow), vae=vae,
+                   pooled_text_encoder=text.pooled.model if text.pooled else None,
+                   pooled_tokenizer=text.pooled.tokenizer if text.pooled else None)
 
     @property
     def text_stream(self) -> TextEncoder:

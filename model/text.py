@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fusedit.errors import UserError
-from fusedit.model.config import TextModulation, TextSpec
+from fusedit.model.config import ModelConfig, TextModulation, TextSpec
 from fusedit.model.presets import LLM_PRESETS, llm_config
 
 
@@ -170,7 +170,10 @@ def load_tokenizer(name_or_path: str):
 
     if _is_local(name_or_path) and not Path(name_or_path).is_dir():
         raise UserError(f"tokenizer not found: '{name_or_path}' is not a directory")
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:  # any loader failure is a bad path or checkpoint
+        raise UserError(f"cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: {exc}") from None
     tok.padding_side = "right"
     return tok
 
@@ -216,6 +219,13 @@ class TextEncoder(nn.Module):
             attn.scaling = attn.head_dim**-0.5
             if hasattr(attn, "attn_logit_softcapping"):
                 attn.attn_logit_softcapping = None
+
+    @classmethod
+    def load(cls, m: ModelConfig, spec: TextSpec, dtype=torch.float32) -> TextEncoder:
+        """The frozen text stream a model config names: its LLM (truncated per spec), tokenizer, pooled encoder."""
+        pooled = PooledTextEncoder.load(m.text_modulation) if m.text_modulation else None
+        return cls(load_llm(m.llm, spec.llm_num_layers, dtype), load_tokenizer(m.tokenizer or m.llm), spec,
+                   pooled).eval()
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ids and mask (padded to the longest caption, truncated to max_length), on the host."""
