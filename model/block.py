@@ -80,11 +80,17 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Image tokens attend to [text ; image]; the LLM's head layout, optional per-head qk RMSNorm."""
+    """Image tokens attend to [text ; image]; the LLM's head layout, optional per-head qk RMSNorm.
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool):
+    norm_text_keys: the text keys go through this attention's k_norm too (shallow fusion, as in the
+    reference); deep fusion's text keys are the LLM's own and stay as they are.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool,
+                 norm_text_keys: bool = False):
         super().__init__()
         self.head_dim = head_dim
+        self.norm_text_keys = norm_text_keys
         self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
         self.to_k = nn.Linear(dim, kv_heads * head_dim, bias=False)
         self.to_v = nn.Linear(dim, kv_heads * head_dim, bias=False)
@@ -96,7 +102,8 @@ class Attention(nn.Module):
         q = rope(self.q_norm(_heads(self.to_q(x), self.head_dim)))
         k = rope(self.k_norm(_heads(self.to_k(x), self.head_dim)))
         v = _heads(self.to_v(x), self.head_dim)
-        k, v = torch.cat([text.k.to(k.dtype), k], dim=2), torch.cat([text.v.to(v.dtype), v], dim=2)
+        tk = self.k_norm(text.k.to(k.dtype)) if self.norm_text_keys else text.k.to(k.dtype)
+        k, v = torch.cat([tk, k], dim=2), torch.cat([text.v.to(v.dtype), v], dim=2)
         return self.to_out(_merge(attend(q, k, v, text.mask)))
 
 
@@ -127,11 +134,12 @@ class NoCrossAttention(nn.Module):
 class DiTBlock(nn.Module):
     """Modulated attention + GeGLU MLP; sandwich norm wraps both outputs when enabled."""
 
-    def __init__(self, dim, heads, kv_heads, head_dim, mlp_dim, *, conditioning, cross, qk_norm, sandwich):
+    def __init__(self, dim, heads, kv_heads, head_dim, mlp_dim, *, conditioning, cross, qk_norm, sandwich,
+                 norm_text_keys=False):
         super().__init__()
         self.modulation = CONDITIONING[conditioning][1](dim)
         self.norm1 = norm_or_identity(True, dim)
-        self.attn = Attention(dim, heads, kv_heads, head_dim, qk_norm)
+        self.attn = Attention(dim, heads, kv_heads, head_dim, qk_norm, norm_text_keys)
         self.attn_out_norm = norm_or_identity(sandwich, dim)
         self.cross = (CrossAttention if cross else NoCrossAttention)(dim, heads, kv_heads, head_dim, qk_norm)
         self.norm2 = norm_or_identity(True, dim)

@@ -31,14 +31,18 @@ class DeepText(nn.Module):
 
 
 class ShallowText(nn.Module):
-    """Shallow fusion: per-layer key/value projections of the (embedded) text states; no RoPE."""
+    """Shallow fusion: per-layer key/value projections of the (embedded) text states; no RoPE.
+
+    Cross-attention normalises these keys with a k_norm of its own; joint self-attention with the
+    attention's own k_norm, shared with the image keys (one parameter, as in the reference), inside the block.
+    """
 
     def __init__(self, a: DiTArch):
         super().__init__()
         self.head_dim = a.head_dim
         self.to_k = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
         self.to_v = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
-        self.k_norm = norm_or_identity(a.qk_norm, a.head_dim)
+        self.k_norm = norm_or_identity(a.qk_norm and a.attention == "cross", a.head_dim)
 
     def forward(self, feats: TextContext) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = _heads(self.to_k(feats.states), self.head_dim), _heads(self.to_v(feats.states), self.head_dim)
@@ -116,7 +120,8 @@ class FuseDiTTransformer(ModelMixin, ConfigMixin):
         self.route = ROUTES[a.attention]
         self.blocks = nn.ModuleList(
             DiTBlock(d, a.num_heads, a.num_kv_heads, a.head_dim, a.mlp_dim, conditioning=a.timestep_conditioning,
-                     cross=a.attention == "cross", qk_norm=a.qk_norm, sandwich=a.sandwich_norm)
+                     cross=a.attention == "cross", qk_norm=a.qk_norm, sandwich=a.sandwich_norm,
+                     norm_text_keys=a.qk_norm and not deep and a.attention == "self")
             for _ in range(a.num_layers)
         )
         self.out_norm = out(d)

@@ -230,7 +230,9 @@ def joint_forward(dit, llm, ids, mask, x, t, pooled=None):
         vi = _heads(_lin(xin, att.to_v), hd)
         if a.fusion == "shallow":
             src = dit.text_in[j]
-            kt, vt = qk_norm(_heads(_lin(ctx, src.to_k), hd), src.k_norm), _heads(_lin(ctx, src.to_v), hd)
+            # text keys share the attention's k_norm in self-attention; cross-attention has its own
+            kt = qk_norm(_heads(_lin(ctx, src.to_k), hd), att.k_norm if a.attention == "self" else src.k_norm)
+            vt = _heads(_lin(ctx, src.to_v), hd)
             qt = None
         else:
             layer = llm.layers[spec.layers[j]]
