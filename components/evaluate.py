@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fusedit.components import storage
 from fusedit.components.distributed import parse_device
-from fusedit.components.evals import suite
+from fusedit.components.evals import following, suite
 from fusedit.components.evals.base import SuiteContext, SuiteResult
 from fusedit.components.evals.sampling import Sampler, dist_env
 from fusedit.errors import UserError, read_yaml
@@ -162,8 +162,10 @@ def evaluate(config: EvalConfig) -> EvalResult:
         _barrier(world, device)  # rank 0 may have cleared samples/
     ctx = SuiteContext(config, sampler, root, main)
     result = EvalResult(root)
+    prompts: list[str] = []
     for name, mod in mods.items():
         jobs = mod.prepare(ctx)
+        prompts += [j.prompt for j in jobs]
         result.sampling[name] = sampler.run(jobs, desc=name)
     _barrier(world, device)
     if not main:
@@ -172,6 +174,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     for name, mod in mods.items():
         scored[name] = mod.score(ctx)
         result.metrics[name] = {k: float(v) for k, v in scored[name].metrics.items()}
+    result.metrics["prompt_following"] = following.measure(sampler, prompts, config.seed)
     result.seconds = round(time.time() - t0, 2)
     storage.write_json(str(root / "metrics.json"), result.metrics)
     from fusedit.components.evals.report import write_report

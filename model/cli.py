@@ -44,8 +44,9 @@ def init_tiny(
     out: Path = typer.Option(..., help="directory to write llm/, vae/ and pipeline/ into"),
     family: str = typer.Option("tiny-gemma", help="tiny-gemma or tiny-gemma-2"),
     seed: int = typer.Option(0),
+    kv_gain: float = typer.Option(6.0, min=0.0, help="scale of the LLM's key/value projections (1: plain init)"),
 ) -> None:
-    """Write a tiny random LLM + tokenizer, a tiny VAE and a tiny exported pipeline (all from_pretrained-able)."""
+    """Write a tiny LLM + tokenizer, a tiny VAE and a tiny exported pipeline (all from_pretrained-able)."""
     from fusedit.model import tiny
     from fusedit.model.config import load_recipe
     from fusedit.model.pipeline import FuseDiTPipeline
@@ -54,7 +55,7 @@ def init_tiny(
     if family not in LLM_PRESETS or not family.startswith("tiny-"):
         raise UserError(f"--family must be one of tiny-gemma, tiny-gemma-2 (got '{family}')")
     tok = tiny.build_tokenizer(out / "llm")
-    tiny.build_llm(out / "llm", family, vocab_size=len(tok), seed=seed)
+    tiny.build_llm(out / "llm", family, vocab_size=len(tok), seed=seed, kv_gain=kv_gain)
     tiny.build_vae(out / "vae", seed=seed)
     pipe = FuseDiTPipeline.from_recipe(load_recipe("tiny", {"model.llm": str(out / "llm")}))
     pipe.save_pretrained(str(out / "pipeline"))

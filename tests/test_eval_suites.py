@@ -97,8 +97,8 @@ def test_synthetic_suite_resumes_and_refuses_other_settings(tmp_path, pipe_dir):
     first = evaluate(cfg)
     out = tmp_path / "run" / "samples" / "synthetic"
     assert first.sampling["synthetic"] == {"jobs": 6, "generated": 12, "skipped": 0}
-    assert set(first.metrics["synthetic"]) == {"single_object", "two_object", "counting", "colors", "position",
-                                               "color_attr", "overall", "images"}
+    scores = {"single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"}
+    assert set(first.metrics["synthetic"]) == scores | {f"text_blind_{k}" for k in scores} | {"images"}
     assert len((out / "judgements.jsonl").read_text().splitlines()) == 12
     victim = out / "counting" / "000_1.png"
     before = victim.read_bytes()

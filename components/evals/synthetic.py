@@ -45,6 +45,20 @@ def prompts(per_category: int, seed: int, size: int, categories=J.CATEGORIES) ->
     return [held_out(c, i, seed, size) for c in categories for i in range(per_category)]
 
 
+def shuffled(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each prompt's spec replaced by the next one of its category (cyclically): a derangement within the
+    category whenever it has two or more prompts. Judging an image against it gives the judge's chance
+    level for this model, the text-blind baseline."""
+    by: dict[str, list[int]] = {}
+    for i, s in enumerate(specs):
+        by.setdefault(s["category"], []).append(i)
+    out = list(specs)
+    for idx in by.values():
+        for a, b in zip(idx, idx[1:] + idx[:1], strict=True):
+            out[a] = specs[b]
+    return out
+
+
 def score_verdicts(verdicts: list[tuple[dict[str, Any], bool]]) -> dict[str, float]:
     """GenEval-style: per-category accuracy over images, overall = mean over categories."""
     by: dict[str, list[bool]] = {}
@@ -95,11 +109,12 @@ def score(ctx):
     from fusedit.components.evals.base import SuiteResult
 
     specs = _specs(ctx)
-    verdicts, rows = [], []
-    for s, ps in zip(specs, _paths(ctx, specs), strict=True):
+    verdicts, blind, rows = [], [], []
+    for s, other, ps in zip(specs, shuffled(specs), _paths(ctx, specs), strict=True):
         for p in ps:
             with Image.open(p) as im:
                 v = J.judge(im, s)
+                blind.append((s, J.judge(im, other).correct))
             verdicts.append((s, v.correct))
             rows.append({"image": str(p.relative_to(ctx.root)), "category": s["category"], "prompt": s["prompt"],
                          "correct": v.correct, "reason": v.reason,
@@ -108,10 +123,15 @@ def score(ctx):
     with open(ctx.samples("synthetic") / "judgements.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     m = score_verdicts(verdicts)
+    m.update({f"text_blind_{k}": v for k, v in score_verdicts(blind).items()})
     grids: dict[str, list[Path]] = {}
     for s, ps in zip(specs, _paths(ctx, specs), strict=True):
         grids.setdefault(f"synthetic: {s['category']}", []).extend(ps[:2])
-    return SuiteResult(dict(m, images=len(verdicts)), bars={k: v for k, v in m.items() if k != "overall"},
+    return SuiteResult(dict(m, images=len(verdicts)), bars={k: v for k, v in m.items()
+                                                            if k != "overall" and not k.startswith("text_blind")},
                        grids={k: v[:8] for k, v in grids.items()},
                        notes=["judge: palette segmentation + connected components + shape templates "
-                              "(components/evals/judge.py); overall = mean over categories"])
+                              "(components/evals/judge.py); overall = mean over categories",
+                              f"text-blind baseline: the same images judged against another prompt of their "
+                              f"category: overall {m.get('text_blind_overall', float('nan')):.3f} "
+                              f"(the judge's chance level for this model) against {m.get('overall', 0):.3f}"])
