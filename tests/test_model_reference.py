@@ -171,3 +171,27 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "--llm" in r.stderr and "Traceback" not in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
     assert not (tmp_path / "dst").exists()
+
+
+def test_sharded_checkpoint_imports_like_the_single_file(tmp_path):
+    """`model.safetensors.index.json` + shards, as save_pretrained writes a large checkpoint."""
+    src = tmp_path / "sharded"
+    shutil.copytree(FIXTURES / "reference-format" / "fusedit-2d-rope", src)
+    tensors = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(src / shard), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    io = _io("fusedit-2d-rope")
+    assert (_velocity(import_reference(src, tmp_path / "out"), io) - io["output"]).abs().max() <= TOL
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    src = tmp_path / "pickled"
+    shutil.copytree(FIXTURES / "reference-format" / "fusedit-baseline", src)
+    (src / "model.safetensors").rename(src / "pytorch_model.bin")
+    with pytest.raises(UserError, match="safetensors only"):
+        import_reference(src, tmp_path / "out")
