@@ -277,11 +277,11 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
         loss_val = logs.settle()
         tensors = {**weights(), "ema": ema.state()}
         opt_state = distributed.optimizer_state(model, opt, d)
-        if d.main:
+        if d.main:  # loss rows first: a kill between the two must not commit a step whose rows are lost
+            logs.flush()  # (rows past the step a rerun resumes from are dropped by resume_rows)
             checkpoint.save(ckpt_root, step, tensors, {"optimizer": opt_state, "scheduler": sched.state_dict()},
                             {"stage": st.name, "recipe": rec.name, "seed": seed, "world": d.world,
                              "loss": loss_val}, st.keep_last)
-            logs.flush()
         distributed.barrier(d)
 
     def forward_backward(inputs: StepInputs) -> torch.Tensor:

@@ -48,17 +48,11 @@ def init_tiny(
 ) -> None:
     """Write a tiny LLM + tokenizer, a tiny VAE and a tiny exported pipeline (all from_pretrained-able)."""
     from fusedit.model import tiny
-    from fusedit.model.config import load_recipe
-    from fusedit.model.pipeline import FuseDiTPipeline
     from fusedit.model.presets import LLM_PRESETS
 
     if family not in LLM_PRESETS or not family.startswith("tiny-"):
         raise UserError(f"--family must be one of tiny-gemma, tiny-gemma-2 (got '{family}')")
-    tok = tiny.build_tokenizer(out / "llm")
-    tiny.build_llm(out / "llm", family, vocab_size=len(tok), seed=seed, kv_gain=kv_gain)
-    tiny.build_vae(out / "vae", seed=seed)
-    pipe = FuseDiTPipeline.from_recipe(load_recipe("tiny", {"model.llm": str(out / "llm")}))
-    pipe.save_pretrained(str(out / "pipeline"))
+    tiny.write_tiny(out, family, seed, kv_gain)
     typer.echo(f"wrote {out}/llm, {out}/vae, {out}/pipeline")
 
 

@@ -116,3 +116,17 @@ def build_clip(out_dir: str | Path, vocab_size: int = 512, dim: int = 32, seed: 
     tok = build_tokenizer(out / "tokenizer", vocab_size)
     tok.model_max_length = 77
     tok.save_pretrained(str(out / "tokenizer"))
+
+
+def write_tiny(out: Path, family: str = "tiny-gemma", seed: int = 0, kv_gain: float = 6.0) -> Path:
+    """out/llm (tokenizer + LLM), out/vae and out/pipeline: the embedded default's local checkpoints."""
+    from fusedit.model.config import load_recipe
+    from fusedit.model.pipeline import FuseDiTPipeline
+
+    out = Path(out)
+    tok = build_tokenizer(out / "llm")
+    build_llm(out / "llm", family, vocab_size=len(tok), seed=seed, kv_gain=kv_gain)
+    build_vae(out / "vae", seed=seed)
+    pipe = FuseDiTPipeline.from_recipe(load_recipe("tiny", {"model.llm": str(out / "llm")}))
+    pipe.save_pretrained(str(out / "pipeline"))
+    return out

@@ -51,9 +51,9 @@ def tiny_op(tiny: Output[Model], recipe: str, overrides: list = []) -> list:  # 
 
     out = list(overrides)
     if recipe == "tiny" and not any(o.startswith("model.llm=") for o in out):
-        from fusedit.model.cli import init_tiny
+        from fusedit.model.tiny import write_tiny
 
-        init_tiny(out=Path(tiny.path), family="tiny-gemma", seed=0)
+        write_tiny(Path(tiny.path), "tiny-gemma", seed=0)
         out.append(f"model.llm={Path(tiny.path) / 'llm'}")
     else:
         Path(tiny.path).mkdir(parents=True, exist_ok=True)

@@ -89,10 +89,10 @@ def torch_save(obj) -> bytes:
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory) -> Path:
-    from fusedit.model.cli import init_tiny
+    from fusedit.model.tiny import write_tiny
 
     out = tmp_path_factory.mktemp("tinyp")
-    init_tiny(out=out, family="tiny-gemma", seed=0)
+    write_tiny(out, "tiny-gemma", seed=0)
     return out
 
 
