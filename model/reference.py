@@ -43,6 +43,11 @@ _SAVED_BY_TRANSFORMERS = {"architectures", "model_type", "torch_dtype", "dtype",
 _FUSION = {"FuseDiT": "deep", "DiT": "shallow"}
 
 
+def _or(value, default):
+    """The config value, or the default where it is missing or null (0 and False are values)."""
+    return default if value is None else value
+
+
 def _gemma_norm(w: torch.Tensor) -> torch.Tensor:
     return 1 + w
 
@@ -103,7 +108,7 @@ def model_config(cfg: dict, where: str) -> tuple[ModelConfig, object]:
         fusion=fusion, attention=cfg.get("attention", "self"),
         timestep_conditioning=cfg.get("timestep_conditioning") or "none", pos_embed=cfg.get("pos_embed", "1d-rope"),
         llm="reference", dit_hidden_size=cfg.get("dit_hidden_size"), dit_num_layers=depth,
-        initial_layers=cfg.get("initial_layers", 0), text_layer_index=cfg.get("text_hidden_states_index") or -1,
+        initial_layers=cfg.get("initial_layers", 0), text_layer_index=_or(cfg.get("text_hidden_states_index"), -1),
         qk_norm=cfg.get("qk_norm", False), sandwich_norm=cfg.get("sandwich_norm", False),
         patch_size=cfg.get("patch_size", 2), in_channels=cfg.get("in_channels", 16),
         pos_embed_max_size=cfg.get("pos_embed_max_size") or 64,

@@ -195,3 +195,12 @@ def test_pickled_weights_are_refused(tmp_path):
     (src / "model.safetensors").rename(src / "pytorch_model.bin")
     with pytest.raises(UserError, match="safetensors only"):
         import_reference(src, tmp_path / "out")
+
+
+def test_text_hidden_states_index_zero_is_kept():
+    """Index 0 (the embeddings) is a value, not a missing field."""
+    from fusedit.model.reference import model_config
+
+    cfg = json.loads((FIXTURES / "reference-format" / "baselinedit-self-attention" / "config.json").read_text())
+    assert model_config({**cfg, "text_hidden_states_index": 0}, "x")[0].text_layer_index == 0
+    assert model_config(cfg, "x")[0].text_layer_index == -1
