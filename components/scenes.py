@@ -39,7 +39,7 @@ NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 MAX_COUNT = 3
 # Objects large against the canvas (the embedded default trains at 32 px: radius 4.5-6 px) and a soft
 # background texture: at radius 0.07-0.11 and texture amplitude 40 the tiny model learnt the texture
-# and drew no objects (synthetic overall 0.017); at these settings 0.32, colours 0.55 (README).
+# and drew no objects (synthetic overall 0.017); the README has what it reaches at these settings.
 RADIUS = (0.14, 0.18)  # object radius, relative to the short side
 TEXTURE, TEXTURE_AMPLITUDE = 8, 12
 

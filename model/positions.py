@@ -52,7 +52,7 @@ def ape(dim: int, h: int, w: int, max_size: int, base_size: int, device=None) ->
     return torch.cat([sincos_1d(dim // 2, c), sincos_1d(dim // 2, r)], dim=1).float()
 
 
-def inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
+def _inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
     """theta^(-2i/dim) for i < dim/2: the frequency bands of a dim-wide rotate-half RoPE."""
     return 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
 
@@ -76,20 +76,20 @@ def no_rope(*_args, **_kwargs) -> Rope:
 
 def rope_1d(rows, cols, offset, head_dim, theta, w) -> Rope:
     """Image token k sits at position offset + k of one sequence."""
-    angles = _ids(offset, rows * w + cols) * inv_freq(head_dim, theta, rows.device)
+    angles = _ids(offset, rows * w + cols) * _inv_freq(head_dim, theta, rows.device)
     return lambda x: _rotate(x, angles)
 
 
 def rope_2d(rows, cols, offset, head_dim, theta, w) -> Rope:
     """Bands j < hd/4 turn with the row, bands hd/4 + j with the column, both at frequency theta^(-4j/hd)."""
-    half = inv_freq(head_dim // 2, theta, rows.device)
+    half = _inv_freq(head_dim // 2, theta, rows.device)
     angles = torch.cat([_ids(offset, rows) * half, _ids(offset, cols) * half], dim=-1)
     return lambda x: _rotate(x, angles)
 
 
 def rope_m(rows, cols, offset, head_dim, theta, w) -> Rope:
     """Qwen2-VL style: the first half of the full-width bands turn with the row, the second with the column."""
-    full = inv_freq(head_dim, theta, rows.device)
+    full = _inv_freq(head_dim, theta, rows.device)
     n = full.numel() // 2
     angles = torch.cat([_ids(offset, rows) * full[:n], _ids(offset, cols) * full[n:]], dim=-1)
     return lambda x: _rotate(x, angles)
