@@ -28,7 +28,7 @@ from fusedit.components.filter_config import FilterConfig
 print("ready", flush=True)
 t0 = time.perf_counter()
 r = filter_shards(FilterConfig(input=sys.argv[1], output=sys.argv[2], workers=0, report=False, min_side=16))
-print(json.dumps({"n": r.n_in, "seconds": time.perf_counter() - t0, "workers": r.metrics["workers"]}))
+print(json.dumps({"n": r.n_in, "seconds": time.perf_counter() - t0, "workers": r.run["workers"]}))
 """
 
 CACHE = """

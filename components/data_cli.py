@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import typer
 
@@ -22,8 +23,9 @@ def synth(
     from fusedit.components.synth import main_summary_line
     from fusedit.components.synth import synth as run_synth
 
+    t0 = time.perf_counter()
     summary = run_synth(out, samples=samples, seed=seed, shard_size=shard_size, bad_fraction=bad_fraction)
-    typer.echo(main_summary_line(summary, out))
+    typer.echo(main_summary_line(summary, out, time.perf_counter() - t0))
 
 
 @app.command("filter")

@@ -47,7 +47,8 @@ class FilterResult(BaseModel):
     quality_success: bool | None = None
     failed_expectations: list[str] = []
     reused: bool = False  # the published output already matched inputs + config
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}  # what was decided: a function of inputs and config (metrics.json)
+    run: dict[str, Any] = {}  # how the run went (seconds, images/s, workers): timing.json, never metrics
 
 
 class QualityGateError(UserError):
@@ -229,7 +230,7 @@ class _ShardSink:
 
 
 def _metrics(rows: list[dict[str, Any]], bad: list[dict[str, Any]], n_shards_in: int, n_shards_out: int,
-             seconds: float, workers: int, tokenizer: bool) -> dict[str, Any]:
+             tokenizer: bool) -> dict[str, Any]:
     n_in = len(rows)
     reasons = Counter(r["reason"] for r in rows if r["decision"] == "rejected")
     n_kept = sum(r["decision"] == "kept" for r in rows)
@@ -247,8 +248,7 @@ def _metrics(rows: list[dict[str, Any]], bad: list[dict[str, Any]], n_shards_in:
         "n_converted": sum(converted.values()), "converted_from": dict(sorted(converted.items())),
         "n_shards_in": n_shards_in, "n_shards_out": n_shards_out,
         "n_bad_shards": len(bad), "bad_shards": bad,
-        "seconds": round(seconds, 3), "images_per_s": round(n_in / seconds, 1) if seconds > 0 else 0.0,
-        "workers": workers, "tokenizer_checked": tokenizer,
+        "tokenizer_checked": tokenizer,
     }
 
 
@@ -354,7 +354,10 @@ def filter_shards(cfg: FilterConfig) -> FilterResult:
     _write_lines(os.path.join(stage, "rejects.jsonl"), rejects)
     stats = _stats_frame(rows)
     stats.to_parquet(os.path.join(stage, "stats.parquet"), index=False)
-    metrics = _metrics(rows, bad, len(inputs), len(out_names), seconds, workers, cfg.tokenizer is not None)
+    metrics = _metrics(rows, bad, len(inputs), len(out_names), cfg.tokenizer is not None)
+    run = {"seconds": round(seconds, 3), "images_per_s": round(len(rows) / seconds, 1) if seconds > 0 else 0.0,
+           "workers": workers}
+    storage.write_json(os.path.join(stage, "timing.json"), run)
 
     quality_success, failed = None, []
     if cfg.report:
@@ -370,13 +373,13 @@ def filter_shards(cfg: FilterConfig) -> FilterResult:
                           n_rejected=metrics["n_rejected"],
                           reasons={k: v for k, v in metrics["reasons"].items() if v},
                           shards=shard_uris, n_bad_shards=len(bad), quality_success=quality_success,
-                          failed_expectations=failed, metrics=metrics)
+                          failed_expectations=failed, metrics=metrics, run=run)
     files = sorted(os.path.relpath(p, stage) for p in storage.list_uris(stage))
     if not storage.is_s3(cfg.output):
         for sub in ("shards", "report"):
             shutil.rmtree(os.path.join(cfg.output, sub), ignore_errors=True)
     storage.publish(stage, cfg.output, MANIFEST, {"fingerprint": run_fp, "inputs": inputs,
-                                                   "files": files, "result": result.model_dump()})
+                                                   "files": files, "result": result.model_dump(exclude={"run"})})
     if old_manifest and storage.is_s3(cfg.output):
         for stale in set(old_manifest.get("files", [])) - set(files):
             storage.remove(storage.join(cfg.output, stale))

@@ -90,7 +90,6 @@ def write_report(path: str, metrics: dict[str, Any], stats: Any, thumbs: dict[tu
         ("Decode-failure rate", pct(m["decode_failure_rate"])),
         ("Converted to RGB", m["n_converted"]), ("Input shards", m["n_shards_in"]),
         ("Output shards", m["n_shards_out"]), ("Bad shards", m["n_bad_shards"]),
-        ("Throughput (images/s)", m["images_per_s"]), ("Workers", m["workers"]),
         ("Token-length check", "on" if m["tokenizer_checked"] else "off (no tokenizer given)"),
     ]
     reasons = {k: v for k, v in m["reasons"].items() if v}

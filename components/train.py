@@ -43,6 +43,9 @@ class Preempted(Exception):
 
 @dataclass
 class TrainResult:
+    """A stage's outcome. `metrics()` is what the inputs decide (metrics.json, DVC-tracked); `timing()` is
+    how this run went (throughput, resumed step, ranks: timing.json, never tracked)."""
+
     output: str
     stage: str
     start_step: int
@@ -53,6 +56,14 @@ class TrainResult:
     llm_trainable_params: int
     world: int
     bad_samples: int = 0  # skipped by this run (rank 0's share): unreadable since filtering/caching
+
+    RUN_FACTS = ("output", "start_step", "images_per_s", "world")
+
+    def metrics(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.RUN_FACTS}
+
+    def timing(self) -> dict:
+        return {k: getattr(self, k) for k in self.RUN_FACTS}
 
 
 class Denoiser(nn.Module):
@@ -343,10 +354,12 @@ def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distrib
     final = weights()
     if d.main:
         sampler.export(ema.state(), final.get("llm"), output, st.steps, logs)
-        storage.write_bytes(str(logs.root / "metrics.json"), json.dumps(asdict(result), indent=2).encode())
+        for name, doc in (("metrics.json", result.metrics()), ("timing.json", result.timing())):
+            storage.write_bytes(str(logs.root / name), json.dumps(doc, indent=2).encode())
         logs.close()
         if logs.remote:
-            storage.write_json(storage.join(output, "metrics.json"), asdict(result))
+            for name, doc in (("metrics.json", result.metrics()), ("timing.json", result.timing())):
+                storage.write_json(storage.join(output, name), doc)
     distributed.barrier(d)
     return result
 

@@ -21,7 +21,7 @@ class TrainLogs:
         self.root = Path(".fusedit-logs") / stage if self.remote else Path(output)
         self.stage, self.d, self.enabled = stage, d, d.main
         self.rows: list[tuple] = []
-        self.pending: list[tuple[int, torch.Tensor, float, float]] = []
+        self.pending: list[tuple[int, torch.Tensor, float, float]] = []  # step, loss, lr, images/s
         self.last_loss = float("nan")
         self.tb = None
         if self.enabled:
@@ -51,8 +51,8 @@ class TrainLogs:
         for step, loss, lr, ips in zip(steps, values, lrs, ipss, strict=True):
             if not math.isfinite(loss):
                 raise RuntimeError(f"stage '{self.stage}': loss is {loss} at step {step}")
-            if self.enabled:
-                self.rows.append((step, loss, lr, ips))
+            if self.enabled:  # throughput goes to TensorBoard only: loss.tsv is DVC-tracked, so deterministic
+                self.rows.append((step, loss, lr))
                 self.tb.add_scalar("train/loss", loss, step)
                 self.tb.add_scalar("train/lr", lr, step)
                 self.tb.add_scalar("train/images_per_s", ips, step)
@@ -83,11 +83,10 @@ def resume_rows(path: Path, start: int) -> list[tuple]:
     if not path.is_file():
         return []
     rows = [ln.split("\t") for ln in path.read_text().splitlines()[1:] if ln.strip()]
-    return [(int(r[0]), float(r[1]), float(r[2]), float(r[3])) for r in rows if int(r[0]) <= start]
+    return [(int(r[0]), float(r[1]), float(r[2])) for r in rows if int(r[0]) <= start]
 
 
 def _write_rows(path: Path, rows: list[tuple]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("step\tloss\tlr\timages_per_s\n" + "".join(f"{s}\t{lo:.6f}\t{lr:.3g}\t{ips:.2f}\n"
-                                                         for s, lo, lr, ips in rows))
+    tmp.write_text("step\tloss\tlr\n" + "".join(f"{s}\t{lo:.6f}\t{lr:.3g}\n" for s, lo, lr in rows))
     os.replace(tmp, path)

@@ -6,7 +6,8 @@ directory), then one comparison step over the `dsl.Collected` results that calls
 The components are the workflow's own (pipelines/{data,cache,train,evaluate}.py and `tiny_op`), placed by the
 same helpers as `pipelines/workflow.py`. Compile-time: the spec (its runs are the default of the `runs`
 parameter), the stage list, the parallelism. Run parameters: the data source, `output_root` (where each run's
-stages and evaluation land: <output_root>/<run>/...), the accelerators per run, node selector and tolerations.
+stages and evaluation land: <output_root>/<run>/...), the accelerators per run, node selector, tolerations and
+the inputs of the evaluation suites (required when a suite of the spec has none: pipelines/eval_inputs.py).
 """
 from pathlib import Path
 from typing import List  # noqa: UP035 - KFP reads the annotation
@@ -20,6 +21,7 @@ from fusedit.components.ablation_spec import Spec, apply_params, runs
 from fusedit.components.train_config import TrainParams
 from fusedit.pipelines.cache import cache_op
 from fusedit.pipelines.data import filter_op
+from fusedit.pipelines.eval_inputs import with_inputs
 from fusedit.pipelines.evaluate import evaluate_op
 from fusedit.pipelines.image import IMAGE
 from fusedit.pipelines.workflow import (
@@ -32,6 +34,8 @@ from fusedit.pipelines.workflow import (
     _shards,
     _text,
     _texts,
+    check_options,
+    compile_checked,
     tiny_op,
     train_stages,
 )
@@ -138,6 +142,7 @@ def items(spec: Spec, doc: dict) -> list[dict]:
 def build_ablation(spec: Spec, opts: Options | None = None, parallelism: int = 4):
     """The pipeline function for `spec` (GPU pools; compile it, or call it under kfp.local)."""
     opts = opts or Options()
+    check_options(opts)
     doc = opts.params_doc or yaml.safe_load(Path(opts.params).read_text())
     shared = apply_params(doc, spec, runs(spec)[0])  # data and eval settings are the same for every run
     d = _texts(shared)
@@ -145,57 +150,53 @@ def build_ablation(spec: Spec, opts: Options | None = None, parallelism: int = 4
     eval_stage = opts.eval_stage or stages[-1].name
     default_runs = items(spec, doc)
 
-    @dsl.pipeline(name=f"fusedit-ablation-{spec.name}",
-                  description=f"ablation '{spec.name}': data once, then per run: cache -> training stages -> "
-                              "evaluate; then one comparison report")
     def ablation(source_uri: str = "", data_version: str = "", samples: int = d["samples"], seed: int = d["seed"],
                  shard_size: int = d["shard_size"], bad_fraction: float = d["bad_fraction"],
                  filter_config: str = d["filter_config"], eval_config: str = d["eval_config"],
                  eval_suites: list = d["eval_suites"], runs: list = default_runs, output_root: str = "",
                  cache_dtype: str = "bf16", accelerators: int = 1, node_selector: dict = GPU_NODE_SELECTOR,
-                 tolerations: list = GPU_TOLERATIONS, device: str = ""):
+                 tolerations: list = GPU_TOLERATIONS, device: str = "", eval_inputs: dict | None = None):
         shards = _shards(opts, source_uri, data_version, samples, seed, shard_size, bad_fraction)
         filtered = _common(filter_op(shards=shards, config_yaml=filter_config, data_version=data_version),
-                           opts, opts.image, opts.step_timeout_s).set_display_name("filter")
+                           opts, opts.image, opts.step_timeout_s, "filter").set_display_name("filter")
         kubernetes.empty_dir_mount(filtered, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
         with dsl.ParallelFor(runs, parallelism=parallelism, name="variants") as run:
             root = _common(run_paths_op(root=output_root, run=run.run), opts, opts.image, opts.step_timeout_s,
-                           secret=False).set_display_name("run-root")
+                           "paths", secret=False).set_display_name("run-root")
             tiny = _common(tiny_op(recipe=run.tiny, overrides=run.sets), opts, opts.image, opts.step_timeout_s,
-                           secret=False).set_display_name("tiny")
+                           "tiny", secret=False).set_display_name("tiny")
             sets = tiny.outputs["Output"]
             cache = _common(cache_op(filtered=filtered.outputs["filtered"], recipe=run.recipe, overrides=sets,
                                      dtype=cache_dtype, data_version=data_version), opts, opts.image,
-                            opts.step_timeout_s).set_display_name("cache")
+                            opts.step_timeout_s, "cache").set_display_name("cache")
             _on_pool(cache, GPU, 1, node_selector, tolerations)
             train_root = _common(run_paths_op(root=root.output, run="train"), opts, opts.image, opts.step_timeout_s,
-                                 secret=False).set_display_name("stages-root")
+                                 "paths", secret=False).set_display_name("stages-root")
             eval_uri = _common(run_paths_op(root=root.output, run="eval"), opts, opts.image, opts.step_timeout_s,
-                               secret=False).set_display_name("eval-root")
+                               "paths", secret=False).set_display_name("eval-root")
             trained = train_stages(opts, stages, recipe=run.recipe, cache=cache.outputs["cache"],
                                    params=run.train_params, output_root=train_root.output, overrides=sets,
                                    device=device, data_version=data_version, accelerators=accelerators,
                                    node_selector=node_selector, tolerations=tolerations)
             ev = _common(evaluate_op(pipeline=trained[eval_stage].outputs["model"], config_yaml=eval_config,
-                                     suites=eval_suites, output_uri=eval_uri.output), opts, opts.image,
-                         opts.step_timeout_s).set_display_name("evaluate")
+                                     suites=eval_suites, output_uri=eval_uri.output, **eval_inputs), opts,
+                         opts.image, opts.step_timeout_s, "evaluate").set_display_name("evaluate")
             _on_pool(ev, GPU, 1, node_selector, tolerations)
             result = _common(run_result_op(run=run, stages=[s.name for s in stages],
                                            eval_metrics=ev.outputs["metrics"],
                                            final=trained[eval_stage].outputs["model"], run_root=root.output,
-                                           overrides=sets), opts, opts.image, opts.step_timeout_s)
+                                           overrides=sets), opts, opts.image, opts.step_timeout_s, "run-result")
             result.set_display_name("run-result")
         _common(compare_op(results=dsl.Collected(result.outputs["result"])), opts, opts.image,
-                opts.step_timeout_s, secret=False).set_display_name("compare")
+                opts.step_timeout_s, "compare", secret=False).set_display_name("compare")
 
-    return ablation
+    return dsl.pipeline(name=f"fusedit-ablation-{spec.name}",
+                        description=f"ablation '{spec.name}': data once, then per run: cache -> training stages -> "
+                                    "evaluate; then one comparison report")(
+        with_inputs(ablation, d["eval_inputs"], d["eval_required"]))
 
 
 def compile_ablation(spec: Spec, out: str, opts: Options | None = None, parallelism: int = 4) -> str:
-    """Compile the ablation pipeline for `spec` to KFP IR YAML at `out`."""
-    from kfp import compiler
-
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_ablation(spec, opts, parallelism), out)
-    return out
+    """Compile the ablation pipeline for `spec` to KFP IR YAML at `out` (refused if a suite lacks its input)."""
+    return compile_checked(build_ablation(spec, opts, parallelism), out)
 

@@ -17,7 +17,13 @@ from fusedit.errors import UserError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
-def _options(variant: str, image: str | None, tpu_image: str | None, params: Path, secret: str, nodes: int = 1):
+RESOURCES_HELP = ("STEP=CPU,MEMORY requests of a step's pods over the defaults of pipelines/resources.py, "
+                  "e.g. train=16,128Gi (repeatable; leave a part empty to keep its default)")
+
+
+def _options(variant: str, image: str | None, tpu_image: str | None, params: Path, secret: str, nodes: int = 1,
+             resources: list[str] | None = None):
+    from fusedit.pipelines.resources import parse
     from fusedit.pipelines.workflow import VARIANTS, Options
 
     if variant not in VARIANTS:
@@ -26,7 +32,7 @@ def _options(variant: str, image: str | None, tpu_image: str | None, params: Pat
         raise UserError(f"params file not found: {params}")
     if nodes < 1:
         raise UserError(f"--nodes must be >= 1 (got {nodes})")
-    o = Options(variant=variant, params=str(params), secret=secret, nodes=nodes)
+    o = Options(variant=variant, params=str(params), secret=secret, nodes=nodes, resources=parse(resources or []))
     if image:
         o.image = image
     if tpu_image:
@@ -38,18 +44,32 @@ def _options(variant: str, image: str | None, tpu_image: str | None, params: Pat
 def compile_(
     out: Path = typer.Option(..., help="where to write the compiled pipeline YAML"),
     variant: str = typer.Option("gpu", help="gpu or tpu (training steps on a TPU slice, torch-xla trainer)"),
-    image: str = typer.Option(None, help="image for every step (default: fusedit.pipelines.image.IMAGE)"),
+    image: str = typer.Option(None, help="image for every step, name:tag or name@sha256:digest "
+                                         "(default: fusedit.pipelines.image.IMAGE)"),
     tpu_image: str = typer.Option(None, help="image for the TPU training steps (default: image.TPU_IMAGE)"),
     params: Path = typer.Option(Path("params.yaml"), help="stage list and run-parameter defaults"),
     secret: str = typer.Option("fusedit-storage", help="Kubernetes Secret holding the storage credentials"),
     nodes: int = typer.Option(1, help="GPU nodes / TPU hosts per training stage; above 1 each training task "
                                       "creates a PyTorchJob (gpu) or JobSet (tpu) and awaits it"),
+    resources: list[str] = typer.Option([], help=RESOURCES_HELP),
 ) -> None:
     """Compile the whole workflow to KFP IR YAML."""
     from fusedit.pipelines.workflow import compile_workflow
 
-    compile_workflow(str(out), _options(variant, image, tpu_image, params, secret, nodes))
+    compile_workflow(str(out), _options(variant, image, tpu_image, params, secret, nodes, resources))
     typer.echo(f"wrote {out}")
+    echo_required(str(out))
+
+
+def echo_required(package: str) -> None:
+    """List the run parameters a submit of `package` must pass (the inputs of its evaluation suites)."""
+    from fusedit.pipelines.eval_inputs import check_package
+
+    todo = check_package(package)
+    if todo:
+        typer.echo("required at submit (the evaluation suites' inputs):")
+        for line in todo:
+            typer.echo(f"  {line}")
 
 
 def _param(item: str) -> tuple[str, object]:
@@ -71,16 +91,26 @@ _KINDS = {
 
 
 def check_arguments(package: str, arguments: dict[str, object]) -> None:
-    """Every --param names a parameter of the compiled pipeline and has its type (else the server fails later)."""
-    import math
-
+    """Every --param names a parameter of the compiled pipeline and has its type, every required one is given, and
+    every evaluation suite the run will use has its inputs (else the server, or the run's last step, fails later)."""
     from fusedit.errors import read_yaml
+    from fusedit.pipelines.eval_inputs import check
 
     spec = read_yaml(package, "pipeline package", first_of_many=True)
     try:
         params = spec["root"]["inputDefinitions"]["parameters"]
     except (TypeError, KeyError):
         raise UserError(f"{package}: not a compiled KFP pipeline (no root.inputDefinitions)") from None
+    _check_types(params, arguments)
+    check(params, arguments, at_submit=True)  # a suite without its input would fail after all the training
+    for key, spec_ in params.items():
+        if key not in arguments and "defaultValue" not in spec_ and not spec_.get("isOptional"):
+            raise UserError(f"--param {key}: a required run parameter of the pipeline; pass --param {key}=VALUE")
+
+
+def _check_types(params: dict, arguments: dict[str, object]) -> None:
+    import math
+
     for key, value in arguments.items():
         if key not in params:
             raise UserError(f"--param {key}: not a parameter of the pipeline (known: {', '.join(sorted(params))})")
@@ -119,9 +149,10 @@ def submit(
     namespace: str = typer.Option("fusedit", help="namespace of the run (multi-user KFP: your profile)"),
     package: Path = typer.Option(None, help="a compiled pipeline YAML (default: compile now)"),
     variant: str = typer.Option("gpu", help="when compiling: gpu or tpu"),
-    image: str = typer.Option(None, help="when compiling: image for every step"),
+    image: str = typer.Option(None, help="when compiling: image for every step (name:tag or name@sha256:...)"),
     params: Path = typer.Option(Path("params.yaml"), help="when compiling: the params file"),
     secret: str = typer.Option("fusedit-storage", help="when compiling: the storage Secret's name"),
+    resources: list[str] = typer.Option([], help=f"when compiling: {RESOURCES_HELP}"),
 ) -> None:
     """Submit the workflow as a run. Auth: KFP_TOKEN (a bearer token) from the environment, else kfp's defaults."""
     import kfp
@@ -130,8 +161,8 @@ def submit(
 
     arguments = dict(_param(p) for p in param)
     with tempfile.TemporaryDirectory() as tmp:
-        path = str(package) if package else compile_workflow(os.path.join(tmp, "workflow.yaml"),
-                                                            _options(variant, image, None, params, secret))
+        path = str(package) if package else compile_workflow(
+            os.path.join(tmp, "workflow.yaml"), _options(variant, image, None, params, secret, resources=resources))
         check_arguments(path, arguments)
         with _kfp_errors(host), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "This client only works with", FutureWarning)  # kfp's version notice

@@ -48,8 +48,9 @@ def filter_op(shards: Input[Dataset], filtered: Output[Dataset], metrics: Output
     result = filter_shards(cfg)
     m = result.metrics
     for name in ("n_in", "n_kept", "n_rejected", "reject_rate", "duplicate_rate", "decode_failure_rate",
-                 "n_bad_shards", "images_per_s"):
+                 "n_bad_shards"):
         metrics.log_metric(name, float(m[name]))
+    metrics.log_metric("images_per_s", float(result.run["images_per_s"]))
     for reason, n in m["reasons"].items():
         metrics.log_metric(f"rejected_{reason}", float(n))
     filtered.metadata.update({"n_kept": result.n_kept, "shards": len(result.shards)})

@@ -14,10 +14,13 @@ GPU = "nvidia.com/gpu"
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate_op(pipeline: Input[Model], metrics: Output[Metrics], report: Output[HTML], summary: Output[Markdown],
-                config_yaml: str = "", suites: list = ["synthetic"], output_uri: str = ""):  # noqa: B006
+                config_yaml: str = "", suites: list = ["synthetic"], output_uri: str = "",  # noqa: B006
+                geneval_metadata: str = "", dpg_prompts: str = "", fid_real: str = "", fid_weights: str = "",
+                fid_prompts: str = "", clip_model: str = ""):
     """Evaluate an exported pipeline (local artifact, s3:// import or train_op Model); log metrics, HTML, Markdown.
 
     A train_op Model names its exported pipeline in metadata["pipeline"] (the artifact is the stage directory).
+    The suites' inputs (pipelines/eval_inputs.py), when not empty, win over the same fields of config_yaml.
     """
     import base64
     import os
@@ -28,10 +31,13 @@ def evaluate_op(pipeline: Input[Model], metrics: Output[Metrics], report: Output
 
     from fusedit.components import storage
     from fusedit.components.evaluate import EvalConfig, evaluate
+    from fusedit.pipelines.eval_inputs import pod_fields
 
     source = pipeline.metadata.get("pipeline") or (pipeline.uri if pipeline.uri.startswith("s3://") else pipeline.path)
     run_dir = tempfile.mkdtemp(prefix="fusedit-eval-")
-    fields = yaml.safe_load(config_yaml) if config_yaml else {}
+    inputs = {"geneval_metadata": geneval_metadata, "dpg_prompts": dpg_prompts, "fid_real": fid_real,
+              "fid_weights": fid_weights, "fid_prompts": fid_prompts, "clip_model": clip_model}
+    fields = pod_fields(yaml.safe_load(config_yaml) if config_yaml else {}, inputs, tempfile.mkdtemp())
     fields.update(pipeline=source, output=run_dir, suites=list(suites), progress=False)
     res = evaluate(EvalConfig.model_validate(fields))
     for suite, values in res.metrics.items():

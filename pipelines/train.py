@@ -67,13 +67,15 @@ def train_job_op(model: Output[Model], metrics: Output[Metrics], recipe: str, st
                  output_root: str, image: str, run_id: str, kind: str, nodes: int, accelerators: int,
                  node_selector: dict, tolerations: list, init: Input[Model] = None,
                  overrides: list = [], device: str = "", data_version: str = "",  # noqa: B006
-                 cache: Input[Dataset] = None, max_restarts: int = 3, timeout_s: int = 48 * 3600):
+                 cache: Input[Dataset] = None, max_restarts: int = 3, timeout_s: int = 48 * 3600,
+                 secret: str = "fusedit-storage", cpu: str = "8", memory: str = "64Gi"):
     """Train `stage` on several pods: create a PyTorchJob (multi-node GPU) or JobSet (multi-host TPU) and await it.
 
     The job's pods run `fusedit train` (torchrun on every node, or torch-xla on every host of the slice); this
     task only creates the job (named after the run and stage, so a retry follows the same job), streams its pods'
     logs, and fails with the job's own message if the job fails. output_root must be storage that every pod
-    reaches (s3://... or a shared volume). accelerators: GPUs per node / TPU chips per host.
+    reaches (s3://... or a shared volume). accelerators: GPUs per node / TPU chips per host. secret: the storage
+    Secret the pods read (optional); cpu / memory: each pod's requests.
     """
     from fusedit.pipelines.jobs import Launcher, job_name, label_value, placement, render
     from fusedit.pipelines.train_task import record, stage_inputs, train_args
@@ -82,6 +84,7 @@ def train_job_op(model: Output[Model], metrics: Output[Metrics], recipe: str, st
     values = {"JOB_NAME": job_name(run_id, stage), "NAMESPACE": "", "RUN_ID": label_value(run_id),
               "STAGE": label_value(stage), "IMAGE": image, "PARAMS_YAML": text, "MAX_RESTARTS": max_restarts,
               "TRAIN_ARGS": train_args(recipe, stage, data, target, overrides, device),
+              "STORAGE_SECRET": secret, "CPU_REQUEST": cpu, "MEMORY_REQUEST": memory,
               **placement(kind, nodes, accelerators, node_selector, tolerations)}
     Launcher().run(kind, render(kind, values), timeout_s)
     record(model, metrics, target, output_root, stage, recipe, data_version)

@@ -46,5 +46,7 @@ def record(model, metrics, target: str, output_root: str, stage: str, recipe: st
                            "recipe": recipe, "steps": r["steps"], "data_version": data_version})
     if output_root:
         model.uri = target
-    for key in ("final_loss", "images_per_s", "steps"):
+    for key in ("final_loss", "steps"):
         metrics.log_metric(key, r[key])
+    timing = json.loads(storage.read_bytes(storage.join(target, "timing.json")))
+    metrics.log_metric("images_per_s", timing["images_per_s"])

@@ -1,9 +1,11 @@
 """The whole workflow as ONE KFP v2 pipeline: the DVC DAG (synth -> filter -> tiny -> cache -> train -> evaluate).
 
 Every step is the component its own module defines (data, cache, train, evaluate); this module only wires them
-and places them on the cluster. What is fixed when compiling: the variant (`gpu` or `tpu`), the images, the
-stage list (the DAG's shape) and the defaults read from params.yaml. What is a run parameter: the recipe, the
-data source and its `data_version`, the params YAML texts, accelerator count, node selector and tolerations.
+and places them on the cluster. What is fixed when compiling: the variant (`gpu` or `tpu`), the images (a tag or
+a digest), the stage list (the DAG's shape), each step's CPU and memory requests (pipelines/resources.py) and
+the defaults read from params.yaml. What is a run parameter: the recipe, the data source and its
+`data_version`, the params YAML texts, accelerator count, node selector, tolerations and the inputs of the
+evaluation suites (pipelines/eval_inputs.py: required when a compiled suite has none).
 
 `data_version` (a DVC rev or a shard-manifest hash) goes into every data-reading task's inputs, so KFP's cache
 key changes when the data behind an unchanged URI changes. Training is never cached (resume needs it to run).
@@ -19,6 +21,8 @@ from kfp.dsl import Dataset, Model, Output
 
 from fusedit.components.train_config import TrainParams
 from fusedit.errors import UserError, read_yaml
+from fusedit.pipelines import eval_inputs as suite_inputs
+from fusedit.pipelines import resources
 from fusedit.pipelines.cache import cache_op
 from fusedit.pipelines.data import filter_op, synth_op
 from fusedit.pipelines.evaluate import evaluate_op
@@ -82,6 +86,8 @@ class Options:
     # "synth" or "uri". kfp.local (2.17) cannot resolve the OneOf of artifacts "either" compiles to.
     source: str = "either"
     params_doc: dict = field(default_factory=dict)  # loaded from `params` when empty
+    # CPU / memory requests per step over resources.DEFAULTS: {"train": {"cpu": "16", "memory": "128Gi"}}
+    resources: dict = field(default_factory=dict)
 
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -94,9 +100,8 @@ def check_options(opts: Options) -> None:
     if opts.source not in SOURCES:
         raise UserError(f"source must be one of {', '.join(SOURCES)} (got {opts.source!r})")
     for name in ("image", "tpu_image"):
-        value = getattr(opts, name)
-        if not isinstance(value, str) or not value or any(c.isspace() or not c.isprintable() for c in value):
-            raise UserError(f"{name} must be a container image reference without spaces (got {value!r})")
+        resources.check_image(name, getattr(opts, name))
+    resources.check(opts.resources)
     if not isinstance(opts.secret, str) or len(opts.secret) > 253 or not _DNS_SUBDOMAIN.match(opts.secret):
         raise UserError(f"secret must be a Kubernetes Secret name (lowercase DNS subdomain; got {opts.secret!r})")
     for name in ("retries", "train_timeout_s", "step_timeout_s", "nodes"):
@@ -144,7 +149,7 @@ def _number(section: dict, key: str, default, kind):
 def _texts(doc: dict) -> dict:
     """Run-parameter defaults from a params document."""
     synth = doc.get("data", {}).get("synth", {})
-    ev = dict(doc.get("eval", {}))
+    ev, inputs = suite_inputs.split(doc.get("eval", {}))
     recipe, suites = doc.get("model", {}).get("recipe", "tiny"), ev.pop("suites", ["synthetic"])
     if not isinstance(recipe, str) or not recipe:
         raise UserError(f"params: model.recipe must be a recipe name (got {recipe!r})")
@@ -157,13 +162,18 @@ def _texts(doc: dict) -> dict:
             "filter_config": _text(doc.get("data", {}).get("filter", {})),
             "train_params": _text({"train": doc["train"]}),
             "eval_suites": list(suites),
-            "eval_config": _text(ev)}
+            "eval_config": _text(ev),
+            "eval_inputs": inputs,
+            "eval_required": suite_inputs.required(suites, ev, inputs)}
 
 
-def _common(task: dsl.PipelineTask, opts: Options, image: str, timeout_s: int,
+def _common(task: dsl.PipelineTask, opts: Options, image: str, timeout_s: int, step: str,
             secret: bool = True) -> dsl.PipelineTask:
+    """Image, deadline, the step's CPU / memory requests and (optionally) the storage Secret as env vars."""
     task.set_container_image(image)
     kubernetes.set_timeout(task, timeout_s)
+    cpu, memory = resources.requests(step, opts.resources)
+    task.set_cpu_request(cpu).set_memory_request(memory)
     if secret:  # optional: with workload identity / IRSA the Secret may be absent
         kubernetes.use_secret_as_env(task, secret_name=opts.secret, secret_key_to_env={k: k for k in SECRET_KEYS},
                                      optional=True)
@@ -181,7 +191,8 @@ def _on_pool(task: dsl.PipelineTask, resource: str, count, node_selector, tolera
 def _shards(opts: Options, source_uri, data_version, samples, seed, shard_size, bad_fraction):
     def made():
         return _common(synth_op(samples=samples, seed=seed, shard_size=shard_size, bad_fraction=bad_fraction),
-                       opts, opts.image, opts.step_timeout_s, secret=False).set_display_name("synth").outputs["shards"]
+                       opts, opts.image, opts.step_timeout_s, "synth",
+                       secret=False).set_display_name("synth").outputs["shards"]
 
     def given():
         return dsl.importer(artifact_uri=source_uri, artifact_class=Dataset, reimport=False,
@@ -213,15 +224,17 @@ def train_stages(opts: Options, stages, *, recipe, cache, params, output_root, o
                       overrides=overrides, device=device, data_version=data_version,
                       **({"init": upstream.outputs["model"]} if upstream else {}))
         if opts.nodes > 1:
+            cpu, memory = resources.requests("train", opts.resources)  # each pod of the job
             task = train_job_op(**common, image=opts.tpu_image if tpu else opts.image,
                                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kind="jobset" if tpu else "pytorchjob",
                                 nodes=opts.nodes, accelerators=accelerators, node_selector=node_selector,
-                                tolerations=tolerations, max_restarts=opts.retries, timeout_s=opts.train_timeout_s)
+                                tolerations=tolerations, max_restarts=opts.retries, timeout_s=opts.train_timeout_s,
+                                secret=opts.secret, cpu=cpu, memory=memory)
             trained[st.name] = _common(task.set_display_name(f"train-{st.name}"), opts, opts.image,
-                                       opts.train_timeout_s + 600).set_caching_options(False)
+                                       opts.train_timeout_s + 600, "train-launcher").set_caching_options(False)
             continue
         task = train_op(**common, processes=1 if tpu else accelerators).set_display_name(f"train-{st.name}")
-        _common(task, opts, opts.tpu_image if tpu else opts.image, opts.train_timeout_s)
+        _common(task, opts, opts.tpu_image if tpu else opts.image, opts.train_timeout_s, "train")
         if tpu:
             _on_pool(task, TPU, accelerators, node_selector, tolerations)
             task.set_retry(opts.retries, backoff_duration=opts.backoff, backoff_factor=2.0)
@@ -247,8 +260,6 @@ def build(opts: Options | None = None):
     tpu = opts.variant == "tpu"
     selector0, tolerations0 = (TPU_NODE_SELECTOR, TPU_TOLERATIONS) if tpu else (GPU_NODE_SELECTOR, GPU_TOLERATIONS)
 
-    @dsl.pipeline(name=f"fusedit-workflow-{opts.variant}",
-                  description="synth or shards -> filter -> tiny -> cache -> training stages -> evaluate")
     def workflow(recipe: str = d["recipe"], source_uri: str = "", data_version: str = "",
                  samples: int = d["samples"], seed: int = d["seed"], shard_size: int = d["shard_size"],
                  bad_fraction: float = d["bad_fraction"], filter_config: str = d["filter_config"],
@@ -256,17 +267,17 @@ def build(opts: Options | None = None):
                  eval_suites: list = d["eval_suites"], overrides: list = [],  # noqa: B006
                  cache_dtype: str = "bf16", train_output_root: str = "", eval_output_uri: str = "",
                  accelerators: int = 4 if tpu else 1, node_selector: dict = selector0,
-                 tolerations: list = tolerations0, device: str = "xla" if tpu else ""):
+                 tolerations: list = tolerations0, device: str = "xla" if tpu else "", eval_inputs: dict | None = None):
         shards = _shards(opts, source_uri, data_version, samples, seed, shard_size, bad_fraction)
         filtered = _common(filter_op(shards=shards, config_yaml=filter_config, data_version=data_version),
-                           opts, opts.image, opts.step_timeout_s).set_display_name("filter")
+                           opts, opts.image, opts.step_timeout_s, "filter").set_display_name("filter")
         kubernetes.empty_dir_mount(filtered, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-        tiny = _common(tiny_op(recipe=recipe, overrides=overrides), opts, opts.image, opts.step_timeout_s,
+        tiny = _common(tiny_op(recipe=recipe, overrides=overrides), opts, opts.image, opts.step_timeout_s, "tiny",
                        secret=False).set_display_name("tiny")
         sets = tiny.outputs["Output"]
         cache = _common(cache_op(filtered=filtered.outputs["filtered"], recipe=recipe, overrides=sets,
                                  dtype=cache_dtype, data_version=data_version), opts, opts.image,
-                       opts.step_timeout_s).set_display_name("cache")
+                        opts.step_timeout_s, "cache").set_display_name("cache")
         if not tpu:  # on the TPU variant the cache and evaluation run on CPU nodes
             _on_pool(cache, GPU, 1, node_selector, tolerations)
         trained = train_stages(opts, stages, recipe=recipe, cache=cache.outputs["cache"], params=train_params,
@@ -274,18 +285,31 @@ def build(opts: Options | None = None):
                                data_version=data_version, accelerators=accelerators, node_selector=node_selector,
                                tolerations=tolerations)
         ev = _common(evaluate_op(pipeline=trained[eval_stage].outputs["model"], config_yaml=eval_config,
-                                 suites=eval_suites, output_uri=eval_output_uri), opts, opts.image,
-                     opts.step_timeout_s).set_display_name("evaluate")
+                                 suites=eval_suites, output_uri=eval_output_uri, **eval_inputs), opts, opts.image,
+                     opts.step_timeout_s, "evaluate").set_display_name("evaluate")
         if not tpu:
             _on_pool(ev, GPU, 1, node_selector, tolerations)
 
-    return workflow
+    return dsl.pipeline(name=f"fusedit-workflow-{opts.variant}",
+                        description="synth or shards -> filter -> tiny -> cache -> training stages -> evaluate")(
+        suite_inputs.with_inputs(workflow, d["eval_inputs"], d["eval_required"]))
+
+
+def compile_checked(pipeline, out: str) -> str:
+    """Compile `pipeline` to KFP IR YAML at `out`, then refuse it (and remove it) if its evaluation suites lack
+    an input a pod could read (pipelines/eval_inputs.py)."""
+    from kfp import compiler
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline, out)
+    try:
+        suite_inputs.check_package(out)
+    except UserError:
+        Path(out).unlink(missing_ok=True)
+        raise
+    return out
 
 
 def compile_workflow(out: str, opts: Options | None = None) -> str:
     """Compile the workflow to KFP IR YAML at `out`."""
-    from kfp import compiler
-
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build(opts), out)
-    return out
+    return compile_checked(build(opts), out)

@@ -70,7 +70,7 @@ def test_toy_grid_of_two_variants_runs_end_to_end(tmp_path):
     doc = json.loads((runs / "report" / "ablation.json").read_text())
     assert doc["reference"] == "deep" and list(doc["variants"]) == ["deep", "no-temb"]
     assert "synthetic/overall" in doc["variants"]["no-temb"]["delta"]
-    assert "train/base/images_per_s" in doc["metrics"]
+    assert "train/base/final_loss" in doc["metrics"]
     # the filtered data and (same features) the cache are shared: the second experiment restored them from the
     # run cache, and trained with its own overrides
     lock = {n: yaml.safe_load(subprocess.run(["git", "show", f"{d['rev']}:dvc.lock"], cwd=repo, capture_output=True,

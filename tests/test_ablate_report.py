@@ -41,20 +41,22 @@ def write_eval(root: Path, verdicts: list[bool], color: tuple[int, int, int]) ->
     return metrics
 
 
-def write_train(root: Path, stage: str, losses: list[float], images_per_s: float, params: int) -> None:
+def write_train(root: Path, stage: str, losses: list[float], params: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "loss.tsv").write_text("step\tloss\tlr\timages_per_s\n" + "".join(
-        f"{i + 1}\t{v}\t0.001\t{images_per_s}\n" for i, v in enumerate(losses)))
+    (root / "loss.tsv").write_text("step\tloss\tlr\n" + "".join(
+        f"{i + 1}\t{v}\t0.001\n" for i, v in enumerate(losses)))
     (root / "metrics.json").write_text(json.dumps({"stage": stage, "steps": len(losses), "final_loss": losses[-1],
-                                                   "images_per_s": images_per_s, "trainable_params": params}))
+                                                   "trainable_params": params}))
+    (root / "timing.json").write_text(json.dumps({"images_per_s": 123.0}))  # untracked: never reported
 
 
-def make_run(runs: Path, variant: str, seed: int, verdicts: list[bool], ips: float) -> Path:
+def make_run(runs: Path, variant: str, seed: int, verdicts: list[bool], final_loss: float) -> Path:
     d = runs / (f"{variant}-s{seed}")
     color = (40 * VARIANTS.index(variant), 200, 30 * seed)
     write_eval(d / "eval", verdicts, color)
-    write_train(d / "train" / "base", "base", [1.5 - 0.01 * i * (1 + VARIANTS.index(variant)) for i in range(50)],
-                ips, 1000 + VARIANTS.index(variant))
+    write_train(d / "train" / "base", "base",
+                [1.5 - 0.01 * i * (1 + VARIANTS.index(variant)) for i in range(49)] + [final_loss],
+                1000 + VARIANTS.index(variant))
     (d / "run.json").write_text(json.dumps({
         "spec": "unit", "run": d.name, "variant": variant, "seed": seed, "recipe": "tiny",
         "overrides": {} if variant == "deep" else {"x": variant}, "reference": "deep", "variants": VARIANTS,
@@ -62,13 +64,13 @@ def make_run(runs: Path, variant: str, seed: int, verdicts: list[bool], ips: flo
     return d
 
 
-# per (variant, seed): judge verdicts of the 4 samples, training images/s
-GRID = {("deep", 1): ([True, True, False, True], 100.0), ("deep", 2): ([True, False, False, True], 110.0),
-        ("deep", 3): ([True, True, True, True], 90.0),
-        ("shallow-self", 1): ([False, True, False, False], 120.0), ("shallow-self", 2): ([True, False, False, False],
-                                                                                        118.0),
-        ("shallow-self", 3): ([False, False, False, True], 125.0),
-        ("no-temb", 1): ([True, True, False, True], 101.0)}
+# per (variant, seed): judge verdicts of the 4 samples, final training loss
+GRID = {("deep", 1): ([True, True, False, True], 0.100), ("deep", 2): ([True, False, False, True], 0.110),
+        ("deep", 3): ([True, True, True, True], 0.090),
+        ("shallow-self", 1): ([False, True, False, False], 0.120), ("shallow-self", 2): ([True, False, False, False],
+                                                                                        0.118),
+        ("shallow-self", 3): ([False, False, False, True], 0.125),
+        ("no-temb", 1): ([True, True, False, True], 0.101)}
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +78,8 @@ def reported(tmp_path_factory):
     from fusedit.components.ablation_report import write_report
 
     runs = tmp_path_factory.mktemp("runs")
-    for (variant, seed), (verdicts, ips) in GRID.items():
-        make_run(runs, variant, seed, verdicts, ips)
+    for (variant, seed), (verdicts, final_loss) in GRID.items():
+        make_run(runs, variant, seed, verdicts, final_loss)
     out = runs.parent / "report"
     files = write_report([runs], out)
     return runs, files, json.loads(files["json"].read_text())
@@ -95,10 +97,11 @@ def test_deltas_against_the_reference_are_paired_t_intervals_over_seeds(reported
     d = doc["variants"]["shallow-self"]["delta"]["synthetic/overall"]
     assert d["method"] == "paired t" and d["n"] == 3
     assert d["delta"] == pytest.approx(sum(diffs) / 3) and (d["lo"], d["hi"]) == pytest.approx((lo, hi))
-    one = doc["variants"]["no-temb"]["delta"]["train/base/images_per_s"]  # a single seed: no interval
-    assert one["lo"] is None and one["delta"] == pytest.approx(101.0 - 100.0)
-    m = doc["variants"]["deep"]["metrics"]["train/base/images_per_s"]
-    assert m["mean"] == pytest.approx(100.0) and m["n"] == 3 and m["values"] == {"1": 100.0, "2": 110.0, "3": 90.0}
+    one = doc["variants"]["no-temb"]["delta"]["train/base/final_loss"]  # a single seed: no interval
+    assert one["lo"] is None and one["delta"] == pytest.approx(0.101 - 0.100)
+    m = doc["variants"]["deep"]["metrics"]["train/base/final_loss"]
+    assert m["mean"] == pytest.approx(0.100) and m["n"] == 3 and m["values"] == {"1": 0.100, "2": 0.110, "3": 0.090}
+    assert not any("images_per_s" in k for k in doc["metrics"])  # wall-clock figures are not tracked results
     assert doc["variants"]["no-temb"]["metrics"]["trainable_params"]["mean"] == 1002
     assert "synthetic/images" not in doc["metrics"] and doc["metrics"][0] == "synthetic/overall"
 

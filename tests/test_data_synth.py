@@ -80,3 +80,23 @@ def test_draw_scene_renders_at_any_size():
     scene = scenes.sample_scene(random.Random(0), 300, 200)
     assert scenes.draw_scene(scene, (150, 100)).size == (150, 100)
     assert scenes.draw_scene(scene).mode == "RGB"
+
+
+@pytest.mark.parametrize(("width", "height"), [(32, 32), (320, 240), (200, 300)])
+def test_objects_keep_their_distance_and_stay_inside(width, height):
+    """Every pair of object boxes is separated by at least 5% of the short side along some axis (so no two
+    shapes touch and the judge's blobs are the objects), and every box lies inside the canvas."""
+    rng = random.Random(f"gap-{width}x{height}")
+    short = min(width, height)
+    for _ in range(300):
+        scene = scenes.sample_scene(rng, width, height)
+        boxes = []
+        for o in scene["objects"]:
+            r = o["radius"] * short
+            cx, cy = o["center"][0] * width, o["center"][1] * height
+            assert -0.5 <= cx - r and cx + r <= width + 0.5 and -0.5 <= cy - r and cy + r <= height + 0.5
+            boxes.append((cx - r, cy - r, cx + r, cy + r))
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                gap = max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
+                assert gap >= 0.05 * short, (scenes.caption(scene), a, b)

@@ -10,13 +10,16 @@ from fusedit.components.evals import judge as J
 from fusedit.components.evals import synthetic as S
 
 
-@pytest.mark.parametrize("size", [32, 64])
-def test_ground_truth_scores_at_least_099(size):
-    specs = S.prompts(20, seed=7, size=size)
-    verdicts = [(s, J.judge(scenes.draw_scene(s["scene"]), s).correct) for s in specs]
-    m = S.score_verdicts(verdicts)
+@pytest.mark.parametrize(("size", "seed"), [(32, 11), (64, 12), (32, 13)])
+def test_ground_truth_is_judged_correct_in_every_category(size, seed):
+    """About 1,000 true drawings of held-out prompts per case, several seeds: the judge is exact on them
+    (touching same-coloured shapes, which the judge would count as one blob, never occur)."""
+    specs = S.prompts(167, seed=seed, size=size)
+    verdicts = [(s, J.judge(scenes.draw_scene(s["scene"]), s)) for s in specs]
+    m = S.score_verdicts([(s, v.correct) for s, v in verdicts])
     assert set(m) == {*J.CATEGORIES, "overall"}
-    assert m["overall"] >= 0.99, m
+    wrong = [(s["prompt"], v.reason) for s, v in verdicts if not v.correct]
+    assert all(m[c] >= 0.999 for c in J.CATEGORIES), (m, wrong[:5])
 
 
 def test_pure_noise_is_near_chance():

@@ -32,12 +32,15 @@ SERVICE_ACCOUNT = "fusedit"
 CORE_KINDS = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "ConfigMap"}
 STORAGE_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FUSEDIT_S3_ENDPOINT"}
 JOB_VERBS = {"create", "get", "delete"}
-ALLOWED_RULES = {  # (apiGroup, resource) -> the verbs a step may use; nothing else
-    ("jobset.x-k8s.io", "jobsets"): JOB_VERBS,
-    ("trainer.kubeflow.org", "trainjobs"): JOB_VERBS,
-    ("kubeflow.org", "pytorchjobs"): JOB_VERBS,
-    ("", "pods"): {"list"},
-    ("", "pods/log"): {"get"},
+ALLOWED_RULES = {  # (apiGroup, resource, object name or None) -> the verbs a step may use; nothing else
+    ("", "configmaps", "kfp-launcher"): {"get"},  # KFP's driver (k8s/base/kfp-launcher-calls.yaml)
+    ("", "secrets", "mlpipeline-minio-artifact"): {"get"},  # KFP's launcher: the artifact store
+    ("argoproj.io", "workflowtaskresults", None): {"create", "patch"},  # Argo's executor
+    ("jobset.x-k8s.io", "jobsets", None): JOB_VERBS,
+    ("trainer.kubeflow.org", "trainjobs", None): JOB_VERBS,
+    ("kubeflow.org", "pytorchjobs", None): JOB_VERBS,
+    ("", "pods", None): {"list"},
+    ("", "pods/log", None): {"get"},
 }
 NODE_LABELS = {
     "gke-gpu": {"cloud.google.com/gke-accelerator"},
@@ -147,13 +150,14 @@ def test_rbac_is_namespaced_and_minimal(rendered):
     for target, docs in rendered.items():
         assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding"), target
         role, binding = one(docs, "Role"), one(docs, "RoleBinding")
-        granted: dict[tuple[str, str], set[str]] = {}
+        granted: dict[tuple[str, str, str | None], set[str]] = {}
         for rule in role["rules"]:
-            assert set(rule) <= {"apiGroups", "resources", "verbs"}, f"unexpected rule fields {set(rule)}"
+            assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}, f"rule fields {set(rule)}"
             assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"], "no wildcards"
             for g in rule["apiGroups"]:
                 for r in rule["resources"]:
-                    granted.setdefault((g, r), set()).update(rule["verbs"])
+                    for n in rule.get("resourceNames") or [None]:
+                        granted.setdefault((g, r, n), set()).update(rule["verbs"])
         assert granted == ALLOWED_RULES, f"{target}: the Role grants {granted}"
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                       "name": role["metadata"]["name"]}
@@ -240,7 +244,8 @@ def test_no_credentials_in_manifests_or_images():
 # ---------------------------------------------------------------- training-job templates (CRD kinds)
 
 PLACEHOLDER = re.compile(r"(?<!\$)\$\{([A-Z_]+)\}")
-COMMON = {"JOB_NAME", "NAMESPACE", "RUN_ID", "STAGE", "IMAGE", "TRAIN_ARGS", "PARAMS_YAML", "MAX_RESTARTS"}
+COMMON = {"JOB_NAME", "NAMESPACE", "RUN_ID", "STAGE", "IMAGE", "TRAIN_ARGS", "PARAMS_YAML", "MAX_RESTARTS",
+          "STORAGE_SECRET", "CPU_REQUEST", "MEMORY_REQUEST"}
 TEMPLATES = {
     "jobset-tpu.yaml": COMMON | {"TPU_ACCELERATOR", "TPU_TOPOLOGY", "TPU_HOSTS", "TPU_CHIPS_PER_HOST"},
     "pytorchjob-gpu.yaml": COMMON | {"WORKERS", "GPUS_PER_NODE", "NPROC_PER_NODE", "NODE_SELECTOR", "TOLERATIONS"},
@@ -250,6 +255,7 @@ PARAMS_TEXT = ("train:\n  stages:\n  - name: base\n    steps: 10\n"
 EXAMPLE = {
     "JOB_NAME": "fusedit-base-3f9c2a", "NAMESPACE": NAMESPACE, "RUN_ID": "7c3e9a0b-1d2f-4e5a-9b8c-0d1e2f3a4b5c",
     "STAGE": "base", "IMAGE": "ghcr.io/fusedit/fusedit:0.1.0", "MAX_RESTARTS": 3, "PARAMS_YAML": PARAMS_TEXT,
+    "STORAGE_SECRET": "team-storage", "CPU_REQUEST": "32", "MEMORY_REQUEST": "256Gi",
     "TRAIN_ARGS": ["--recipe", "fusedit/baseline", "--stage", "base", "--data", "s3://bucket/cache",
                    "--output", "s3://bucket/train/base", "--set", "model.dit_num_layers=2"],
     "TPU_ACCELERATOR": "tpu-v5p-slice", "TPU_TOPOLOGY": "2x2x2", "TPU_HOSTS": 2, "TPU_CHIPS_PER_HOST": 4,
@@ -291,7 +297,7 @@ def pod_checks(pod: dict, image: str, accelerator: str, count: int) -> dict:
     assert c["resources"]["limits"][accelerator] == count and c["resources"]["requests"][accelerator] == count
     assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/dev/shm", "/scratch"}
     refs = [next(iter(e.values()))["name"] for e in c["envFrom"]]
-    assert refs == ["fusedit-config", "fusedit-storage"], "ConfigMap first, the Secret's keys win"
+    assert refs == ["fusedit-config", EXAMPLE["STORAGE_SECRET"]], "ConfigMap first, the Secret's keys win"
     assert c["args"] == EXAMPLE["TRAIN_ARGS"]
     assert {e["name"]: e["value"] for e in c["env"]}["FUSEDIT_PARAMS"] == PARAMS_TEXT
     assert c["securityContext"]["allowPrivilegeEscalation"] is False

@@ -32,7 +32,7 @@ def _cfg(src: Path, out: Path, workers: int) -> FilterConfig:
 def test_all_cores_and_one_worker_write_the_same_shards(tmp_path, many):
     one = filter_shards(_cfg(many, tmp_path / "one", workers=1))
     every = filter_shards(_cfg(many, tmp_path / "all", workers=0))
-    assert every.metrics["workers"] == psutil.cpu_count() or every.metrics["workers"] == 24
+    assert every.run["workers"] == psutil.cpu_count() or every.run["workers"] == 24
     assert (one.n_in, one.n_kept, one.reasons) == (every.n_in, every.n_kept, every.reasons) and one.n_in == 144
     assert tree(tmp_path / "one" / "shards") == tree(tmp_path / "all" / "shards")
     assert (tmp_path / "one" / "rejects.jsonl").read_bytes() == (tmp_path / "all" / "rejects.jsonl").read_bytes()

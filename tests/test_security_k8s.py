@@ -3,7 +3,9 @@
 Every pod the manifests can create (the training-job templates, filled) runs as the images' non-root user,
 drops all capabilities, cannot escalate, has a read-only root filesystem whose writable places are exactly
 the mounted emptyDirs, and mounts no API token. RBAC is one namespaced Role whose rules are the Kubernetes
-API calls the steps make (found in pipelines/), nothing more. These are the checks `checkov` would make for
+API calls made from a step pod, nothing more: those of pipelines/ (found in its source) and those of KFP's own
+driver, launcher and Argo executor (the cited list k8s/base/kfp-launcher-calls.yaml, for the KFP features the
+compiled pipelines use), with the objects named where they are known. These are the checks `checkov` would make for
 these objects (it is not a dependency: installing it would change pinned versions of the main environment).
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.test_k8s import EXAMPLE, K8S, OVERLAYS, by_kind, kustomize, needs_kubectl, one, render
 
@@ -106,20 +109,82 @@ def used_rules() -> set[tuple[str, str, str]]:
     return out
 
 
+def compiled_features() -> set[str]:
+    """The KFP features that change which calls KFP's own binaries make, as the shipped pipelines use them."""
+    import subprocess
+    import sys
+    import tempfile
+
+    features = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [["pipeline", "compile", "--out", f"{tmp}/gpu.yaml"],
+                ["pipeline", "compile", "--variant", "tpu", "--nodes", "2", "--out", f"{tmp}/tpu.yaml"],
+                ["ablate", "compile", "ablations/toy.yaml", "--out", f"{tmp}/toy.yaml"]]
+        for args in runs:
+            r = subprocess.run([sys.executable, "-m", "fusedit", *args], cwd=ROOT, capture_output=True, text=True,
+                               timeout=600)
+            assert r.returncode == 0, r.stderr
+            spec = next(yaml.safe_load_all(Path(args[-1]).read_text()))
+            for ex in spec["deploymentSpec"]["executors"].values():
+                if "importer" in ex:
+                    features.add("importer")
+                image = ex.get("container", {}).get("image", "")
+                if image.startswith("argostub/"):  # kfp.kubernetes.CreatePVC / DeletePVC tasks
+                    features.add(image.removeprefix("argostub/"))
+    return features
+
+
+def required_rules(features: set[str]) -> set[tuple[str, str, str, str | None]]:
+    """(apiGroup, resource, verb, object name or None) the step pods need: KFP's own calls (the cited list in
+    k8s/base/kfp-launcher-calls.yaml, for the features the pipelines use) and the calls of pipelines/."""
+    doc = yaml.safe_load((K8S / "base" / "kfp-launcher-calls.yaml").read_text())
+    out = {(g, r, v, None) for g, r, v in used_rules()}
+    for call in doc["calls"]:
+        assert call["source"] and isinstance(call["fatal"], bool), call
+        if call["when"] == "always" or call["when"] in features:
+            out |= {(call["apiGroup"], call["resource"], v, call.get("name")) for v in call["verbs"]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def features() -> set[str]:
+    return compiled_features()
+
+
+def test_kfp_calls_are_cited_at_a_pinned_release():
+    doc = yaml.safe_load((K8S / "base" / "kfp-launcher-calls.yaml").read_text())
+    tag = doc["kfp_version"]
+    assert re.fullmatch(r"2\.17\.\d+", tag), tag
+    assert doc["source"].startswith(f"https://github.com/kubeflow/pipelines/tree/{tag}/")
+    whos = {c["who"].split()[0] for c in doc["calls"]}
+    assert {"driver", "launcher"} <= whos
+    for call in doc["calls"]:
+        if call["who"].split()[0] in {"driver", "launcher", "importer"}:
+            assert call["source"].startswith("backend/src/v2/"), call["source"]
+        if call["resource"] in {"secrets", "configmaps"}:
+            assert call.get("name"), f"{call['who']}: a known object is named (resourceNames)"
+
+
 @needs_kubectl
 @pytest.mark.parametrize("target", ["base", *OVERLAYS])
-def test_rbac_is_namespaced_and_exactly_the_calls_made(target):
+def test_rbac_is_namespaced_and_exactly_the_calls_made(target, features):
     docs = kustomize(K8S / target if target == "base" else K8S / "overlays" / target)
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     role = one(docs, "Role")
     granted = set()
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
-        assert not {"secrets", "configmaps", "roles", "rolebindings"} & set(rule["resources"]), rule
+        assert not {"roles", "rolebindings"} & set(rule["resources"]), rule
         assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
-        granted |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    used = used_rules()
-    assert used, "no Kubernetes API call found in pipelines/"
-    assert granted == used, f"granted, unused: {sorted(granted - used)}; used, not granted: {sorted(used - granted)}"
+        if {"secrets", "configmaps"} & set(rule["resources"]):  # never a blanket read of the namespace's secrets
+            assert rule.get("resourceNames") and rule["verbs"] == ["get"], rule
+        names = rule.get("resourceNames") or [None]
+        granted |= {(g, r, v, n) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+                    for n in names}
+    assert used_rules(), "no Kubernetes API call found in pipelines/"
+    assert "createpvc" not in features, "a CreatePVC task makes KFP's driver create PVCs: add its calls"
+    needed = required_rules(features)
+    assert granted == needed, f"granted, unused: {sorted(granted - needed, key=str)}; " \
+                              f"used, not granted: {sorted(needed - granted, key=str)}"
     binding = one(docs, "RoleBinding")
     assert binding["metadata"]["namespace"] == role["metadata"]["namespace"] == "fusedit"

@@ -40,7 +40,8 @@ def _overrides(tiny_dir: Path) -> list[str]:
 def _values(kind: str, args: list[str], nodes: int, pool: dict, run_id: str = "run-1", stage: str = "base") -> dict:
     return {"JOB_NAME": jobs.job_name(run_id, stage), "NAMESPACE": "", "RUN_ID": run_id, "STAGE": stage,
             "IMAGE": "ghcr.io/fusedit/fusedit-gpu:test", "PARAMS_YAML": _params_text(), "MAX_RESTARTS": 0,
-            "TRAIN_ARGS": args, **jobs.placement(kind, nodes, 1, pool, [])}
+            "TRAIN_ARGS": args, "STORAGE_SECRET": "fusedit-storage", "CPU_REQUEST": "1", "MEMORY_REQUEST": "1Gi",
+            **jobs.placement(kind, nodes, 1, pool, [])}
 
 
 def _client(api: K8sStandIn):
@@ -179,7 +180,10 @@ def test_multi_node_workflow_compiles_to_job_launching_tasks(tmp_path, variant, 
         assert params["node_selector"]["componentInputParameter"] == "node_selector"
         assert task["cachingOptions"] == {} or not task["cachingOptions"].get("enableCache")
         executor = spec["deploymentSpec"]["executors"][executor_name(task)]
-        assert "resources" not in executor["container"], "the launching task holds no accelerator"
+        resources = executor["container"]["resources"]
+        assert "accelerator" not in resources, "the launching task holds no accelerator"
+        assert resources["resourceMemoryRequest"] and resources["resourceCpuRequest"], "but requests CPU and memory"
+        assert params["secret"]["runtimeValue"]["constant"] == "fusedit-storage", "the job's pods get the Secret"
         k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor_name(task)]
         assert "nodeSelector" not in k8s and "tolerations" not in k8s, "it runs on any CPU node"
         assert k8s["secretAsEnv"][0]["secretName"] == "fusedit-storage", "it reads metrics.json from storage"
