@@ -20,7 +20,7 @@ from fusedit.errors import UserError
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f",
           "#bcbd22"]
-SKIP = {"images"}  # counts, not scores
+SKIP = {"images", "images_per_prompt", "fid_n"}  # counts, not scores
 GRID_PER_CATEGORY = 2
 CELL = 96  # pixels per sample in the grid (tiny samples are enlarged without smoothing)
 
@@ -48,16 +48,15 @@ def _read_json(path: Path) -> Any:
 
 
 def run_metrics(run: Path) -> dict[str, float]:
-    """One run's numbers: eval suites (`synthetic/colors`, `fid/fid`, ...), training throughput and loss."""
+    """One run's numbers: eval suites (`synthetic/colors`, `fid/fid_random32`, ...), final training loss."""
     out: dict[str, float] = {}
     if (run / "eval" / "metrics.json").is_file():
         out.update({k: float(v) for k, v in flatten(_read_json(run / "eval" / "metrics.json")).items()
                     if k.rsplit("/", 1)[-1] not in SKIP})
     for st in sorted((run / "train").glob("*/metrics.json")):
-        m = _read_json(st)
-        for key in ("images_per_s", "final_loss"):
-            if isinstance(m.get(key), int | float):
-                out[f"train/{st.parent.name}/{key}"] = float(m[key])
+        m = _read_json(st)  # throughput is in the untracked timing.json: `make bench` measures speed
+        if isinstance(m.get("final_loss"), int | float):
+            out[f"train/{st.parent.name}/final_loss"] = float(m["final_loss"])
     rec = _read_json(run / "run.json")
     if rec.get("trainable_params") is not None:
         out["trainable_params"] = float(rec["trainable_params"])

@@ -2,15 +2,15 @@
 
 `evaluate(EvalConfig) -> EvalResult` is what `fusedit eval run`, the DVC stage and the KFP component
 call. Sampling is the reference protocol (Euler flow, 25 steps, guidance 6, empty unconditional
-caption, fixed per-prompt seeds); under torchrun each rank samples its slice of every suite, then
-rank 0 scores. `samples/settings.json` records what the images were drawn with, so a rerun resumes
-only when the settings and the pipeline are the same, and says so otherwise.
+caption, fixed per-prompt seeds, the benchmarks' own images per prompt); under torchrun each rank
+samples its slice of every suite, then rank 0 scores. A rerun into the same output resumes: images
+drawn with other sampler settings or weights are refused (or discarded with `overwrite`), images drawn
+for another prompt, seed or image count are drawn again (components/evals/resume.py).
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fusedit.components import storage
 from fusedit.components.distributed import parse_device
-from fusedit.components.evals import following, suite
+from fusedit.components.evals import following, resume, suite
 from fusedit.components.evals.base import SuiteContext, SuiteResult
 from fusedit.components.evals.sampling import Sampler, dist_env
 from fusedit.errors import UserError, read_yaml
 
-SAMPLING_KEYS = ("steps", "guidance", "seed", "resolution", "images_per_prompt", "synthetic_per_category",
-                 "synthetic_seed", "limit", "dtype")
+log = logging.getLogger(__name__)
 
 
 class EvalConfig(BaseModel):
@@ -41,7 +40,10 @@ class EvalConfig(BaseModel):
     seed: int = 42
     batch_size: int = Field(16, ge=1)
     resolution: int | None = Field(None, ge=8)  # None: the pipeline's own (512 for the real recipes)
-    images_per_prompt: int = Field(4, ge=1)
+    images_per_prompt: int = Field(1, ge=1)  # the synthetic suite's
+    geneval_images_per_prompt: int = Field(4, ge=1)  # GenEval's protocol: 4
+    dpg_images_per_prompt: int = Field(4, ge=1, le=4)  # DPG-Bench: 4, tiled 2x2 in one file per prompt
+    fid_images_per_prompt: int = Field(1, ge=1)  # MJHQ-30K FID: 1
     limit: int | None = Field(None, ge=1)  # at most this many prompts per suite
     device: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -60,6 +62,11 @@ class EvalConfig(BaseModel):
     clip_model: str | None = None
     clip_prompts: str | None = None
 
+    def images_for(self, suite: str) -> int:
+        """Images drawn per prompt by `suite` (clipscore: always 1)."""
+        return {"synthetic": self.images_per_prompt, "geneval": self.geneval_images_per_prompt,
+                "dpg": self.dpg_images_per_prompt, "fid": self.fid_images_per_prompt}.get(suite, 1)
+
 
 @dataclass
 class EvalResult:
@@ -68,6 +75,7 @@ class EvalResult:
     sampling: dict[str, dict[str, int]] = field(default_factory=dict)
     report: Path | None = None
     seconds: float = 0.0
+    prompts: list[str] = field(default_factory=list)  # every prompt sampled, in suite order
 
 
 def local_pipeline(uri: str, cache: Path) -> Path:
@@ -91,15 +99,6 @@ def local_pipeline(uri: str, cache: Path) -> Path:
     return path
 
 
-def fingerprint(path: Path) -> str:
-    """Names, sizes and modification times of the pipeline's files (cheap, changes when it is rewritten)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -117,22 +116,6 @@ def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype):
     return pipe.to(device)
 
 
-def _check_settings(samples: Path, settings: dict[str, Any], overwrite: bool, main: bool) -> None:
-    f = samples / "settings.json"
-    if f.is_file():
-        old = json.loads(f.read_text())
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if not overwrite:
-                raise UserError(f"{samples}: images were drawn with other settings ({', '.join(diff)} differ); "
-                                "use another --output or pass --overwrite to discard them")
-            if main:
-                shutil.rmtree(samples)
-    if main:
-        samples.mkdir(parents=True, exist_ok=True)
-        storage.write_json(str(f), settings)  # atomic: a killed run never leaves half a settings file
-
-
 def _barrier(world: int, device: torch.device) -> None:
     if world <= 1:
         return
@@ -141,6 +124,22 @@ def _barrier(world: int, device: torch.device) -> None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     dist.barrier()
+
+
+def _sample(ctx: SuiteContext, mods: dict, world: int, device: torch.device, result: EvalResult) -> dict[str, str]:
+    """Every suite's jobs: stale images deleted (rank 0), this rank's unfinished share drawn. Prompt digests."""
+    jobs = {name: mod.prepare(ctx) for name, mod in mods.items()}
+    gone = resume.reconcile(ctx.root / "samples", jobs) if ctx.main else {}
+    _barrier(world, device)  # nobody draws before rank 0 has deleted what is stale
+    for name, suite_jobs in jobs.items():
+        counts = gone.get(name, {"stale": 0, "dropped": 0})
+        if counts["stale"] or counts["dropped"]:
+            log.warning("%s: images of %d prompts were drawn for another prompt, seed or image count (drawing "
+                        "them again); images of %d prompts no longer in the suite deleted", name, counts["stale"],
+                        counts["dropped"])
+        result.sampling[name] = ctx.sampler.run(suite_jobs, desc=name) | counts
+    result.prompts = [j.prompt for suite_jobs in jobs.values() for j in suite_jobs]
+    return {name: resume.digest(suite_jobs) for name, suite_jobs in jobs.items()}
 
 
 def evaluate(config: EvalConfig) -> EvalResult:
@@ -155,31 +154,27 @@ def evaluate(config: EvalConfig) -> EvalResult:
     pipe = load_pipeline(path, device, _dtype(config.dtype, device))
     sampler = Sampler(pipe, config.steps, config.guidance, config.batch_size, config.resolution, rank, world,
                       config.progress and main)
-    settings = {k: getattr(config, k) for k in SAMPLING_KEYS} | {
-        "pipeline": fingerprint(path), "size": sampler.size}
-    _check_settings(root / "samples", settings, config.overwrite, main)
-    if world > 1:
-        _barrier(world, device)  # rank 0 may have cleared samples/
+    settings = {"steps": config.steps, "guidance": config.guidance, "size": sampler.size,
+                "dtype": str(pipe.transformer.dtype).removeprefix("torch."), "pipeline": resume.content_hash(path)}
+    resume.check_settings(root / "samples", settings, config.overwrite, main)
+    _barrier(world, device)  # rank 0 may have cleared samples/
     ctx = SuiteContext(config, sampler, root, main)
     result = EvalResult(root)
-    prompts: list[str] = []
-    for name, mod in mods.items():
-        jobs = mod.prepare(ctx)
-        prompts += [j.prompt for j in jobs]
-        result.sampling[name] = sampler.run(jobs, desc=name)
-    _barrier(world, device)
+    digests = _sample(ctx, mods, world, device, result)
     if not main:
         return result
     scored: dict[str, SuiteResult] = {}
     for name, mod in mods.items():
         scored[name] = mod.score(ctx)
         result.metrics[name] = {k: float(v) for k, v in scored[name].metrics.items()}
-    result.metrics["prompt_following"] = following.measure(sampler, prompts, config.seed)
+        result.metrics[name]["images_per_prompt"] = float(config.images_for(name))
+    result.metrics["prompt_following"] = following.measure(sampler, result.prompts, config.seed)
     result.seconds = round(time.time() - t0, 2)
     storage.write_json(str(root / "metrics.json"), result.metrics)
     from fusedit.components.evals.report import write_report
 
-    result.report = write_report(root, result.metrics, scored, settings | {"pipeline_path": config.pipeline})
+    result.report = write_report(root, result.metrics, scored, settings | {
+        "pipeline_path": config.pipeline, "seed": config.seed, "prompts_sha256": digests})
     return result
 
 

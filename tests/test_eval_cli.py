@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +12,8 @@ import yaml
 from fusedit.components.evaluate import EvalConfig, evaluate
 from fusedit.errors import UserError
 from tests.eval_helpers import export_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,38 @@ def test_run_and_compare_through_the_cli(tmp_path, pipe_dir):
     assert "<table" in (tmp_path / "cmp" / "compare.html").read_text()
     r = _cli("compare", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "no metrics.json" in r.stderr
+
+
+def test_per_suite_images_and_feature_named_fid_through_the_cli(tmp_path, pipe_dir):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "dpg").mkdir()
+    (tmp_path / "dpg" / "whoops3.txt").write_text("three green stars")
+    (tmp_path / "fid.txt").write_text("a red circle\ntwo blue squares\n")
+    (tmp_path / "real").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "real" / f"{i}.png")
+    args = ["run", "--config", str(ROOT / "params.yaml"), "--pipeline", str(pipe_dir), "--output", str(tmp_path / "o"),
+            "--suite", "dpg", "--dpg-prompts", str(tmp_path / "dpg"), "--suite", "fid", "--fid-real",
+            str(tmp_path / "real"), "--fid-prompts", str(tmp_path / "fid.txt"), "--fid-features", "random",
+            "--steps", "1", "--quiet"]
+    r = _cli(*args, "--dpg-images-per-prompt", "2", "--fid-images-per-prompt", "2")
+    assert r.returncode == 0, r.stderr
+    lines = {ln.split(":", 1)[0]: ln for ln in r.stdout.splitlines()}
+    assert "images_per_prompt=2" in lines["dpg"] and "images_per_prompt=2" in lines["fid"]
+    assert "fid_random32=" in lines["fid"] and "kid_random32=" in lines["fid"] and "fid_n=4" in lines["fid"]
+    assert " fid=" not in lines["fid"] and not lines["fid"].startswith("fid: fid=")
+    assert "fid_random32 over 4 images with 64 feature dimensions" in r.stderr
+    samples = tmp_path / "o" / "samples"
+    assert sorted(p.name for p in (samples / "fid").glob("*.png")) == ["00000_0.png", "00000_1.png",
+                                                                        "00001_0.png", "00001_1.png"]
+    assert Image.open(samples / "dpg" / "whoops3.png").size == (16, 8)  # tiles 0 and 1 of the 2x2 grid
+    r = _cli(*args, "--dpg-images-per-prompt", "5")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == ("error: invalid EvalConfig field 'dpg_images_per_prompt': "
+                                                 "Input should be less than or equal to 4")
 
 
 def test_kfp_component_requests_a_gpu_and_runs_locally(tmp_path, pipe_dir):

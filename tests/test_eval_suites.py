@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,10 +10,11 @@ from PIL import Image
 
 from fusedit.components.evals import geneval
 from fusedit.components.evals.sampling import Job, Sampler
-from fusedit.components.evaluate import EvalConfig, evaluate
+from fusedit.components.evaluate import EvalConfig, evaluate, load_config
 from fusedit.errors import UserError
 from tests.eval_helpers import build_clip, export_tiny
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(steps=2, progress=False, batch_size=8)
 GENEVAL_ROWS = [
     {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
@@ -43,7 +45,7 @@ def test_geneval_layout_file_by_file(tmp_path, pipe_dir):
         assert json.loads((out / f"{i:05d}" / "metadata.jsonl").read_text()) == row
         assert Image.open(out / f"{i:05d}" / "samples" / "00000.png").size == (8, 8)
     # GenEval sets the same seed before every prompt: image k of each prompt starts from the same noise
-    assert res.metrics["geneval"] == {"prompts": 3.0, "images": 12.0}
+    assert res.metrics["geneval"] == {"prompts": 3.0, "images": 12.0, "images_per_prompt": 4.0}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == res.metrics
     assert (tmp_path / "run" / "report" / "index.html").is_file()
 
@@ -85,10 +87,39 @@ def test_fid_and_clipscore_suites(tmp_path, pipe_dir, tiny_dir):
                               fid_real=str(tmp_path / "real"), fid_prompts=str(tmp_path / "prompts.txt"),
                               fid_features="random", clip_model=str(clip), synthetic_per_category=1, **FAST))
     m = res.metrics
-    assert m["fid"]["images"] == 6 and m["fid"]["real_images"] == 12 and m["fid"]["fid"] > 0
-    assert np.isfinite(m["fid"]["kid"])
+    assert m["fid"]["images"] == 6 and m["fid"]["real_images"] == 12 and m["fid"]["fid_random32"] > 0
+    assert np.isfinite(m["fid"]["kid_random32"]) and m["fid"]["fid_n"] == 6
+    assert not {"fid", "kid"} & set(m["fid"])  # random features: not an FID comparable to published ones
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "| fid/fid_random32 |" in report and "| fid/fid |" not in report
+    assert "- fid: fid_random32: FID over random32 features, not comparable to published FIDs" in report
+    assert "fid_random32 over 6 images with 64 feature dimensions: the covariance is rank-deficient" in report
     assert m["clipscore"]["images"] == 6 and 0 <= m["clipscore"]["clip_score"] <= 100
     assert _files(tmp_path / "run" / "samples" / "fid") == [f"{i:05d}.png" for i in range(6)]
+
+
+def test_params_yaml_draws_each_benchmark_with_its_own_images_per_prompt(tmp_path, pipe_dir):
+    """params.yaml's eval section: GenEval 4 images per prompt, DPG-Bench 4 in a 2x2 grid, synthetic 1."""
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in GENEVAL_ROWS[:2]))
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "whoops3.txt").write_text("three green stars")
+    cfg = load_config(str(ROOT / "params.yaml"), "eval", pipeline=str(pipe_dir), output=str(tmp_path / "run"),
+                      suites=["synthetic", "geneval", "dpg"], geneval_metadata=str(meta), dpg_prompts=str(prompts),
+                      synthetic_per_category=1, steps=1, batch_size=8, progress=False)
+    res = evaluate(cfg)
+    out = tmp_path / "run" / "samples"
+    for i in range(2):
+        assert sorted(p.name for p in (out / "geneval" / f"{i:05d}" / "samples").iterdir()) == [
+            f"{k:05d}.png" for k in range(4)]
+    assert Image.open(out / "dpg" / "whoops3.png").size == (16, 16)  # 2x2 tiles of 8 px
+    assert len(list((out / "synthetic").rglob("*.png"))) == 6
+    used = {"synthetic": 1.0, "geneval": 4.0, "dpg": 4.0}
+    assert {s: res.metrics[s]["images_per_prompt"] for s in used} == used
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {s: saved[s]["images_per_prompt"] for s in used} == used
+    assert res.metrics["geneval"]["images"] == 8 and res.metrics["dpg"]["images"] == 4
 
 
 def test_synthetic_suite_resumes_and_refuses_other_settings(tmp_path, pipe_dir):
@@ -96,16 +127,18 @@ def test_synthetic_suite_resumes_and_refuses_other_settings(tmp_path, pipe_dir):
                      images_per_prompt=2, **FAST)
     first = evaluate(cfg)
     out = tmp_path / "run" / "samples" / "synthetic"
-    assert first.sampling["synthetic"] == {"jobs": 6, "generated": 12, "skipped": 0}
+    assert first.sampling["synthetic"] == {"jobs": 6, "generated": 12, "skipped": 0, "stale": 0, "dropped": 0}
     scores = {"single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"}
-    assert set(first.metrics["synthetic"]) == scores | {f"text_blind_{k}" for k in scores} | {"images"}
+    assert set(first.metrics["synthetic"]) == scores | {f"text_blind_{k}" for k in scores} | {"images",
+                                                                                                "images_per_prompt"}
     assert len((out / "judgements.jsonl").read_text().splitlines()) == 12
     victim = out / "counting" / "000_1.png"
     before = victim.read_bytes()
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if p != victim}
     victim.unlink()
     again = evaluate(cfg)
-    assert again.sampling["synthetic"] == {"jobs": 6, "generated": 2, "skipped": 5}  # only the unfinished prompt
+    assert again.sampling["synthetic"] == {"jobs": 6, "generated": 2, "skipped": 5,  # only the unfinished prompt
+                                           "stale": 0, "dropped": 0}
     assert victim.read_bytes() == before  # fixed per-prompt seeds: the redrawn images are the same
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if "counting" not in str(p))
     with pytest.raises(UserError, match="steps"):

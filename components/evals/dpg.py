@@ -1,7 +1,8 @@
 """The `dpg` suite: DPG-Bench prompts, four images per prompt tiled 2x2 in `<prompt name>.png`.
 
-That is the file ELLA's `compute_dpg_bench.py` reads (it cuts the grid back into tiles of
-`--resolution`); score the folder with it unchanged.
+That is the file ELLA's `compute_dpg_bench.py` reads: it cuts tile k of `--pic-num` at column k % 2,
+row k // 2 of `--resolution` pixels. `dpg_images_per_prompt` (1 to 4, default 4 as the benchmark
+defines) sets how many tiles are drawn; pass the same number as `--pic-num`.
 """
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from fusedit.components.evals.base import SuiteContext, SuiteResult
 from fusedit.components.evals.prompts import read_named_prompts
 from fusedit.components.evals.sampling import Job, grid, save_png
 from fusedit.errors import UserError
-
-TILES = 4
 
 
 def _prompts(ctx: SuiteContext) -> list[tuple[str, str]]:
@@ -21,18 +20,19 @@ def _prompts(ctx: SuiteContext) -> list[tuple[str, str]]:
 
 
 def prepare(ctx: SuiteContext) -> list[Job]:
-    out = ctx.samples("dpg")
+    out, n = ctx.samples("dpg"), ctx.cfg.images_for("dpg")
     jobs = []
     for name, prompt in _prompts(ctx):
         path = out / f"{name}.png"
-        jobs.append(Job(prompt, ctx.cfg.seed, TILES, [path], lambda imgs, path=path: save_png(grid(imgs, 2), path)))
+        jobs.append(Job(prompt, ctx.cfg.seed, n, [path],
+                        lambda imgs, path=path: save_png(grid(imgs, min(2, len(imgs))), path)))
     return jobs
 
 
 def score(ctx: SuiteContext) -> SuiteResult:
     pairs = _prompts(ctx)
-    out = ctx.samples("dpg")
-    return SuiteResult({"prompts": len(pairs), "images": len(pairs) * TILES},
-                       grids={"dpg": [out / f"{n}.png" for n, _ in pairs[:4]]},
+    out, n = ctx.samples("dpg"), ctx.cfg.images_for("dpg")
+    return SuiteResult({"prompts": len(pairs), "images": len(pairs) * n},
+                       grids={"dpg": [out / f"{name}.png" for name, _ in pairs[:4]]},
                        notes=[f"DPG-Bench grids in {out}: score them with ELLA's dpg_bench/compute_dpg_bench.py "
-                              f"--image-root-path {out} --resolution {ctx.sampler.size} --pic-num {TILES}"])
+                              f"--image-root-path {out} --resolution {ctx.sampler.size} --pic-num {n}"])

@@ -4,12 +4,18 @@ The feature extractor is pluggable (`EXTRACTORS`): `inception` is clean-fid's To
 (`inception-2015-12-05.pt`, given by path: nothing is downloaded), fed as clean-fid's "clean" mode
 feeds it (PIL bicubic resize to 299 in float, then (x - 128) / 128); `torchscript` takes any scripted
 module; `random` is a seeded tiny conv net for smoke tests, whose numbers mean nothing outside a run.
+Only clean-fid's Inception gives `fid` and `kid`; any other features name the metrics after themselves
+(`fid_random32`, `fid_ts_<weights file>...`), since such a number is not comparable to published FIDs.
 The Fréchet distance uses an eigendecomposition (no scipy); KID is clean-fid's unbiased polynomial MMD.
+With no more images than feature dimensions the covariance is rank-deficient and FID is biased upwards:
+`fid_n` records the count and the run warns.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +30,19 @@ from fusedit.components.evals.sampling import Job, save_png
 from fusedit.errors import UserError
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
+INCEPTION_DIM = 2048  # clean-fid's pool3 features
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Extractor:
     size: int  # input side in pixels
     forward: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, size, size) float in [0, 255] -> (B, D)
+    name: str = "inception"  # "inception" only for clean-fid's Inception: the metrics are then fid and kid
+
+    def metric(self, base: str) -> str:
+        """`fid`/`kid` for clean-fid's Inception, else named after the features: `fid_random32`."""
+        return base if self.name == "inception" else f"{base}_{self.name}"
 
 
 def clean_resize(img: Image.Image, size: int) -> np.ndarray:
@@ -53,7 +66,9 @@ def _torchscript(weights: str | None, device: torch.device) -> Extractor:
     if not weights or not Path(weights).is_file():
         raise UserError("--fid-features torchscript needs --fid-weights: a TorchScript module file")
     net = torch.jit.load(weights, map_location=device).eval()
-    return Extractor(int(os.environ.get("FUSEDIT_FID_SIZE", 299)), lambda x: net(x / 127.5 - 1).flatten(1))
+    size = int(os.environ.get("FUSEDIT_FID_SIZE", 299))
+    stem = re.sub(r"[^a-z0-9]+", "_", Path(weights).stem.lower()).strip("_") or "module"
+    return Extractor(size, lambda x: net(x / 127.5 - 1).flatten(1), f"ts_{stem}{size}")
 
 
 def random_net(seed: int = 0, dim: int = 64) -> torch.nn.Module:
@@ -66,7 +81,7 @@ def random_net(seed: int = 0, dim: int = 64) -> torch.nn.Module:
 
 def _random(weights: str | None, device: torch.device) -> Extractor:
     net = random_net().to(device)
-    return Extractor(32, lambda x: net(x / 127.5 - 1))
+    return Extractor(32, lambda x: net(x / 127.5 - 1), "random32")
 
 
 EXTRACTORS: dict[str, Callable[[str | None, torch.device], Extractor]] = {
@@ -195,6 +210,10 @@ def _prompts(ctx: SuiteContext) -> list[tuple[str, str]]:
     return pairs[: cfg.limit] if cfg.limit else pairs
 
 
+def _outputs(out: Path, name: str, n: int) -> list[Path]:
+    return [out / f"{name}.png"] if n == 1 else [out / f"{name}_{k}.png" for k in range(n)]
+
+
 def prepare(ctx: SuiteContext) -> list[Job]:
     cfg = ctx.cfg
     if cfg.fid_features not in EXTRACTORS:
@@ -202,21 +221,47 @@ def prepare(ctx: SuiteContext) -> list[Job]:
     if cfg.fid_features != "random" and not (cfg.fid_weights and Path(cfg.fid_weights).is_file()):
         raise UserError(f"--fid-features {cfg.fid_features} needs --fid-weights: a local file (for inception, "
                         "clean-fid's inception-2015-12-05.pt; nothing is downloaded at run time)")
-    out = ctx.samples("fid")
+    out, n = ctx.samples("fid"), cfg.images_for("fid")
     jobs = []
     for i, (name, prompt) in enumerate(_prompts(ctx)):
-        path = out / f"{name}.png"
-        jobs.append(Job(prompt, ctx.cfg.seed + i, 1, [path], lambda imgs, path=path: save_png(imgs[0], path)))
+        paths = _outputs(out, name, n)
+        jobs.append(Job(prompt, cfg.seed + i, n, paths,
+                        lambda imgs, paths=paths: [save_png(im, p) for im, p in zip(imgs, paths, strict=True)]))
     return jobs
+
+
+def distances(gen: np.ndarray, mu: np.ndarray, sigma: np.ndarray, real: np.ndarray | None,
+              ext: Extractor) -> tuple[dict[str, float], list[str]]:
+    """FID (and KID when the real features are at hand) named after the features, with their caveats."""
+    dim, fid_key = gen.shape[1], ext.metric("fid")
+    if ext.name == "inception" and dim != INCEPTION_DIM:
+        raise UserError(f"--fid-weights: gives {dim} features, not clean-fid Inception's {INCEPTION_DIM}; "
+                        "pass --fid-features torchscript for other networks")
+    if mu.shape != (dim,):
+        raise UserError(f"--fid-real: reference statistics of {mu.shape[-1]} features, the extractor gives {dim}")
+    n = min(len(gen), len(real)) if real is not None else len(gen)
+    m = {fid_key: frechet(*stats(gen), mu, sigma), "fid_n": float(n)}
+    if real is not None:
+        m[ext.metric("kid")] = kid(gen, real)
+    notes = []
+    if ext.name != "inception":
+        notes.append(f"{fid_key}: FID over {ext.name} features, not comparable to published FIDs "
+                     "(those use clean-fid's Inception)")
+    if n <= dim:
+        msg = (f"{fid_key} over {n} images with {dim} feature dimensions: the covariance is rank-deficient "
+               f"and the value biased upwards; use more than {dim} images")
+        log.warning(msg)
+        notes.append(msg)
+    return m, notes
 
 
 def score(ctx: SuiteContext) -> SuiteResult:
     cfg = ctx.cfg
-    pairs = _prompts(ctx)
-    out = ctx.samples("fid")
+    out, n = ctx.samples("fid"), cfg.images_for("fid")
+    files = [p for name, _ in _prompts(ctx) for p in _outputs(out, name, n)]
     device = ctx.sampler.pipe._execution_device
     ext = extractor(cfg.fid_features, cfg.fid_weights, device)
-    gen = features((Image.open(out / f"{n}.png") for n, _ in pairs), ext, device=device)
+    gen = features((Image.open(f) for f in files), ext, device=device)
     m: dict[str, float] = {"images": len(gen)}
     if cfg.fid_real.endswith(".npz"):
         ref = np.load(cfg.fid_real)
@@ -225,8 +270,6 @@ def score(ctx: SuiteContext) -> SuiteResult:
         real = features(real_images(cfg.fid_real, cfg.fid_max_real), ext, device=device)
         mu, sigma = stats(real)
         m["real_images"] = len(real)
-    m["fid"] = frechet(*stats(gen), mu, sigma)
-    if real is not None:
-        m["kid"] = kid(gen, real)
-    return SuiteResult(m, grids={"fid": [out / f"{n}.png" for n, _ in pairs[:8]]},
-                       notes=[f"FID features: {cfg.fid_features} ({ext.size} px)"])
+    scores, notes = distances(gen, mu, sigma, real, ext)
+    return SuiteResult(m | scores, grids={"fid": files[:8]},
+                       notes=[f"FID features: {cfg.fid_features} ({ext.size} px)", *notes])
