@@ -1,4 +1,4 @@
-"""`fusedit data synth|filter`: the command-line driver of the data step (DVC calls these)."""
+"""`fusedit data synth|filter|compare`: the command-line driver of the data step (DVC calls the first two)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import time
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Synthetic shards and the shard filter.")
+app = typer.Typer(no_args_is_help=True, help="Synthetic shards, the shard filter, and comparing filtered data.")
 
 
 @app.command()
@@ -64,3 +64,38 @@ def filter_cmd(
         typer.echo(f"bad shards ({result.n_bad_shards}): " + json.dumps([b["shard"] for b in bad]))
     if result.quality_success is False:
         typer.echo("failed: " + "; ".join(result.failed_expectations))
+
+
+@app.command()
+def compare(
+    old: str = typer.Argument("data/filtered", help="old filter output: directory, s3:// prefix, or a path in "
+                                                    "the DVC repo with --rev"),
+    new: str = typer.Argument("data/filtered", help="new filter output (a path in the DVC repo with --new-rev)"),
+    out: str = typer.Option(..., "--out", help="directory for compare.json, compare.md and index.html"),
+    rev: str = typer.Option(None, "--rev", help="read OLD at this git revision of the DVC repo (e.g. HEAD~1)"),
+    new_rev: str = typer.Option(None, "--new-rev", help="read NEW at this revision (default: as it is now)"),
+    repo: str = typer.Option(".", "--repo", help="the DVC repository for --rev / --new-rev (path or git URL)"),
+    config: str = typer.Option(None, "--config", help="YAML file with CompareConfig fields (columns, ks_*, gate)"),
+    section: str = typer.Option(None, "--section", help="dotted section of --config, e.g. data.compare"),
+    gate: bool = typer.Option(True, "--gate/--no-gate", help="exit 1 when the gate is crossed"),
+    endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3 endpoint (else env / AWS default)"),
+) -> None:
+    """What changed from OLD to NEW filtered data: counts, reject rates per reason, distribution shifts and
+    expectation results; exits 1 when the configured gate is crossed (after writing the reports)."""
+    from fusedit.components import storage
+    from fusedit.components.compare_report import write_compare
+    from fusedit.components.data_compare import compare as run_compare
+    from fusedit.components.data_compare import load_compare_config, load_side
+
+    cfg = load_compare_config(config, section)
+    if endpoint_url:
+        storage.configure(endpoint_url=endpoint_url)
+    old_side, new_side = load_side(old, rev, repo), load_side(new, new_rev, repo)
+    diff = run_compare(old_side, new_side, cfg)
+    files = write_compare(diff, old_side, new_side, out)
+    g = diff["gate"]
+    typer.echo(f"compared {diff['old']} -> {diff['new']}: gate {'passed' if g['passed'] else 'FAILED'}; "
+               f"{files['html']}, {files['markdown']}, {files['json']}")
+    if gate and not g["passed"]:
+        typer.echo("gate failed: " + "; ".join(g["violations"]), err=True)
+        raise typer.Exit(1)

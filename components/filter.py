@@ -8,8 +8,6 @@ order, reshard the survivors, write rejects/stats/metrics and the data-quality r
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import multiprocessing as mp
@@ -26,13 +24,17 @@ from pydantic import BaseModel
 from fusedit.components import storage
 from fusedit.components.checks import DECODE_REASONS, EMPTY_ROW, REASONS, judge
 from fusedit.components.dedupe import mark_duplicates
+from fusedit.components.examples import ShardPicker, image_reader, pick_examples
 from fusedit.components.filter_config import FilterConfig
 from fusedit.components.tario import Sample, ShardError, TarSink, iter_samples
 from fusedit.errors import UserError
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-THUMBS_PER_SHARD = 6
+# Files of a run that record how it went, not what it decided (timings; Great Expectations' own run
+# history, named by run time): left out of the manifest, and out of DVC's hash of the report (.dvcignore)
+RUN_RECORDS = ("timing.json", "report/validation.json", "report/gx/")
+
 _tokenizers: dict[str, Any] = {}
 
 
@@ -74,14 +76,6 @@ def _tokenizer(path: str | None):
     return _tokenizers[path]
 
 
-def _thumb(img) -> str:
-    t = img.copy()
-    t.thumbnail((128, 128))
-    buf = io.BytesIO()
-    t.save(buf, "JPEG", quality=80)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def process_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Judge every sample of one input shard; write kept.tar, rows.jsonl, thumbs.json, done.json."""
     cfg = FilterConfig.model_validate(task["config"])
@@ -91,27 +85,19 @@ def process_shard(task: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(sdir, ignore_errors=True)
     os.makedirs(sdir)
     rows: list[dict[str, Any]] = []
-    thumbs: dict[int, str] = {}
-    per_reason: Counter[str] = Counter()
+    picker = ShardPicker(cfg.example_seed, cfg.examples_per_reason)
     bad: dict[str, Any] | None = None
     t0 = time.perf_counter()
     with open(os.path.join(sdir, "kept.tar.part"), "wb") as fout:
         writer = TarSink(fout)
-        n_kept_thumbs = 0
         try:
             with storage.open_read(uri) as stream:
                 for sample in iter_samples(stream, cfg.max_member_bytes):
                     j = judge(sample, uri, cfg, tok)
                     if j.members is not None:
                         j.row["tar_offset"], j.row["tar_length"] = writer.write(sample.key, j.members)
-                    if j.image is not None:
-                        reason = j.row["reason"]
-                        if reason is None and n_kept_thumbs < THUMBS_PER_SHARD:
-                            thumbs[sample.index] = _thumb(j.rgb())
-                            n_kept_thumbs += 1
-                        elif reason is not None and per_reason[reason] < 2:
-                            thumbs[sample.index] = _thumb(j.rgb())
-                            per_reason[reason] += 1
+                    if j.image is not None and j.row["reason"] is not None:  # kept ones: in pass 2
+                        picker.offer(j.row["reason"], j.row["key"], sample.index, j.rgb)
                     rows.append(j.row)
         except ShardError as exc:
             n_read = exc.samples_read  # type: ignore[attr-defined]
@@ -128,7 +114,7 @@ def process_shard(task: dict[str, Any]) -> dict[str, Any]:
         writer.close()
     os.replace(os.path.join(sdir, "kept.tar.part"), os.path.join(sdir, "kept.tar"))
     _write_lines(os.path.join(sdir, "rows.jsonl"), rows)
-    storage.write_json(os.path.join(sdir, "thumbs.json"), {str(k): v for k, v in thumbs.items()})
+    storage.write_json(os.path.join(sdir, "thumbs.json"), {str(k): v for k, v in picker.thumbs.items()})
     done = {"uri": uri, "identity": task["identity"], "fingerprint": task["fingerprint"],
             "n": len(rows), "bad_shard": bad, "seconds": time.perf_counter() - t0}
     storage.write_json(os.path.join(sdir, "done.json"), done)
@@ -326,7 +312,7 @@ def filter_shards(cfg: FilterConfig) -> FilterResult:
             bad.append(done["bad_shard"])
         with open(os.path.join(t["dir"], "thumbs.json")) as f:
             thumbs.update({(t["uri"], int(k)): v for k, v in json.load(f).items()})
-    mark_duplicates(rows, cfg.dedupe_exact, cfg.dedupe_near, cfg.near_threshold)
+    originals = mark_duplicates(rows, cfg.dedupe_exact, cfg.dedupe_near, cfg.near_threshold)
 
     stage = os.path.join(work, "publish")
     shutil.rmtree(stage, ignore_errors=True)
@@ -363,7 +349,9 @@ def filter_shards(cfg: FilterConfig) -> FilterResult:
     if cfg.report:
         from fusedit.components.quality import run_quality
 
-        q = run_quality(stats, metrics, cfg, os.path.join(stage, "report"), thumbs)
+        read = image_reader({t["uri"]: os.path.join(t["dir"], "kept.tar") for t in tasks}, cfg.max_member_bytes)
+        examples = pick_examples(rows, originals, thumbs, cfg, read)
+        q = run_quality(stats, metrics, cfg, os.path.join(stage, "report"), examples)
         quality_success, failed = q.success, q.failed
         metrics["quality"] = {"success": q.success, "failed": q.failed, "evaluated": q.evaluated}
     storage.write_json(os.path.join(stage, "metrics.json"), metrics)
@@ -374,7 +362,8 @@ def filter_shards(cfg: FilterConfig) -> FilterResult:
                           reasons={k: v for k, v in metrics["reasons"].items() if v},
                           shards=shard_uris, n_bad_shards=len(bad), quality_success=quality_success,
                           failed_expectations=failed, metrics=metrics, run=run)
-    files = sorted(os.path.relpath(p, stage) for p in storage.list_uris(stage))
+    files = sorted(f for f in (os.path.relpath(p, stage) for p in storage.list_uris(stage))
+                   if not f.startswith(RUN_RECORDS))
     if not storage.is_s3(cfg.output):
         for sub in ("shards", "report"):
             shutil.rmtree(os.path.join(cfg.output, sub), ignore_errors=True)

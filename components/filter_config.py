@@ -80,7 +80,9 @@ class FilterConfig(BaseModel):
     report: bool = True  # data-quality suite + HTML report
     fail_on_quality: bool = False
     quality: QualityThresholds = QualityThresholds()
-    thumbnails: int = Field(24, ge=0)  # per kind (kept / rejected) in the HTML report
+    thumbnails: int = Field(24, ge=0)  # kept samples shown in the HTML report (a seeded sample)
+    examples_per_reason: int = Field(3, ge=0, le=50)  # rejected samples shown per reject reason
+    example_seed: int = 0  # which samples the report shows (a bottom-k sample by a seeded hash)
     work_dir: str | None = None  # resume state; default <output>/.work (local) or a cache dir (s3)
     keep_work: bool = False
     s3: S3Config = S3Config()
@@ -95,7 +97,7 @@ class FilterConfig(BaseModel):
         """Hash of the settings that change per-shard results (resume only reuses matching work)."""
         keys = ["tokenizer", "columns", "min_side", "min_aspect", "max_aspect", "max_pixels",
                 "max_member_bytes", "max_caption_chars", "full_color_decode", "max_caption_tokens", "jpeg_quality",
-                "thumbnails"]
+                "thumbnails", "examples_per_reason", "example_seed"]
         blob = json.dumps(self.model_dump(include=set(keys)), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -119,11 +119,11 @@ def validate(stats: Any, cfg: FilterConfig, report_dir: str) -> QualityResult:
 
 
 def run_quality(stats: Any, metrics: dict[str, Any], cfg: FilterConfig, report_dir: str,
-                thumbs: dict[tuple[str, int], str]) -> QualityResult:
+                examples: dict[str, Any]) -> QualityResult:
     """Validate, then always write report/index.html (also when the suite fails)."""
     from fusedit.components.report import write_report
 
     os.makedirs(report_dir, exist_ok=True)
     result = validate(stats, cfg, report_dir)
-    write_report(os.path.join(report_dir, "index.html"), metrics, stats, thumbs, result, cfg)
+    write_report(os.path.join(report_dir, "index.html"), metrics, stats, examples, result, cfg)
     return result

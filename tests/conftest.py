@@ -105,3 +105,37 @@ def pytest_terminal_summary(terminalreporter):
     if path := os.environ.get("FUSEDIT_FUZZ_REPORT"):
         with open(path, "w") as f:
             json.dump({"profile": PROFILE, "cases": dict(sorted(FUZZ_CASES.items()))}, f, indent=2)
+
+
+# The only skips a CI run (CI=true) accepts, by a fragment of their reason, with why each is acceptable.
+# Any other skip (a tool the set-up should have installed: kubectl, Chromium, hadolint...) fails the run.
+ALLOWED_SKIPS = {
+    "mounting a tmpfs is not allowed here": "needs CAP_SYS_ADMIN, which CI containers lack; the file-size-limit "
+                                            "case of the same test covers a full disk",
+}
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return longrepr[2].removeprefix("Skipped: ") if isinstance(longrepr, tuple) else str(longrepr)
+
+
+def unlisted_skips(reports) -> list[str]:
+    """`nodeid: reason` of every skip whose reason matches no ALLOWED_SKIPS entry."""
+    return [f"{r.nodeid}: {_skip_reason(r)}" for r in reports
+            if not any(allowed in _skip_reason(r) for allowed in ALLOWED_SKIPS)]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Print the skip count; under CI=true fail the run on any skip not in ALLOWED_SKIPS."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    skipped = [r for r in reporter.stats.get("skipped", []) if getattr(r, "nodeid", None)]
+    bad = unlisted_skips(skipped)
+    reporter.ensure_newline()
+    reporter.write_line(f"skipped: {len(skipped)} ({len(skipped) - len(bad)} allowed in tests/conftest.py)")
+    if bad and os.environ.get("CI") == "true":
+        for line in bad:
+            reporter.write_line(f"CI=true: skip not allowed: {line}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
