@@ -17,6 +17,10 @@ GROUPS = {
     "pipeline": "fusedit.pipelines.cli",
     "ablate": "fusedit.components.ablate_cli",
 }
+# commands added to a group from a higher layer: (group, name) -> (module, function)
+GROUP_COMMANDS = {
+    ("ablate", "compile"): ("fusedit.pipelines.ablation_cli", "compile_cmd"),
+}
 # top-level commands: name -> (module, function)
 COMMANDS = {
     "generate": ("fusedit.model.cli", "generate"),
@@ -27,8 +31,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 
 def _register() -> None:
-    for name, module in GROUPS.items():
-        app.add_typer(import_module(module).app, name=name)
+    groups = {name: import_module(module).app for name, module in GROUPS.items()}
+    for (group, name), (module, func) in GROUP_COMMANDS.items():
+        groups[group].command(name)(getattr(import_module(module), func))
+    for name, group_app in groups.items():
+        app.add_typer(group_app, name=name)
     for name, (module, func) in COMMANDS.items():
         app.command(name)(getattr(import_module(module), func))
 
