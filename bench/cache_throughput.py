@@ -14,10 +14,11 @@ import time
 
 import torch
 
-from fusedit.components.cache import build_cache
-from fusedit.components.features import open_features, sample_x0
-from fusedit.components.frozen import load_text_encoder, pick_device
-from fusedit.components.synth import synth
+from fusedit.components.cache.build import build_cache
+from fusedit.components.cache.frozen import load_text_encoder
+from fusedit.components.cache.reader import open_features, sample_x0
+from fusedit.components.data.synth import synth
+from fusedit.components.shared.device import pick_device
 from fusedit.model import tiny
 from fusedit.model.config import load_recipe, resolve
 from fusedit.model.flow import RectifiedFlow

@@ -17,14 +17,14 @@ import time
 
 from PIL import Image
 
-from fusedit.components.synth import synth
-from fusedit.components.tario import iter_samples
+from fusedit.components.data.synth import synth
+from fusedit.components.shared.tario import iter_samples
 
 CHILD = """
 import json, resource, sys, time
 import imagehash, pandas, pyarrow.parquet  # one-time imports, outside the timing like the bare loop's
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig
+from fusedit.components.data.filter import filter_shards
+from fusedit.components.data.filter_config import FilterConfig
 cfg = FilterConfig(input=sys.argv[1], output=sys.argv[2], workers=int(sys.argv[3]), report=False,
                    full_color_decode=sys.argv[4] == "1")
 t0 = time.perf_counter()

@@ -18,13 +18,13 @@ import time
 
 import psutil
 
-from fusedit.components.synth import synth
+from fusedit.components.data.synth import synth
 
 FILTER = """
 import json, sys, time
 import imagehash, pandas, pyarrow.parquet  # imports outside the timing
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig
+from fusedit.components.data.filter import filter_shards
+from fusedit.components.data.filter_config import FilterConfig
 print("ready", flush=True)
 t0 = time.perf_counter()
 r = filter_shards(FilterConfig(input=sys.argv[1], output=sys.argv[2], workers=0, report=False, min_side=16))
@@ -34,7 +34,7 @@ print(json.dumps({"n": r.n_in, "seconds": time.perf_counter() - t0, "workers": r
 CACHE = """
 import json, os, sys, time
 import torch
-from fusedit.components.cache import build_cache
+from fusedit.components.cache.build import build_cache
 from fusedit.model.config import load_recipe
 llm, vae = sys.argv[3], sys.argv[4]
 recipe = load_recipe("tiny", {"model.llm": llm, "model.vae": vae, "model.vae_subfolder": None, "model.vae_scale": 8,

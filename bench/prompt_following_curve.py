@@ -19,9 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from fusedit.components.evals.judge import CATEGORIES
-from fusedit.components.evaluate import EvalConfig, evaluate
-from fusedit.components.train import train
+from fusedit.components.evaluate.config import EvalConfig
+from fusedit.components.evaluate.evals.judge import CATEGORIES
+from fusedit.components.evaluate.run import evaluate
+from fusedit.components.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("steps", "overall", "text_blind_overall", *CATEGORIES, "train_s")

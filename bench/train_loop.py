@@ -16,10 +16,10 @@ import torch
 import yaml
 from cache_throughput import make_llm
 
-from fusedit.components.cache import build_cache
-from fusedit.components.frozen import pick_device
-from fusedit.components.synth import synth
-from fusedit.components.train import train
+from fusedit.components.cache.build import build_cache
+from fusedit.components.data.synth import synth
+from fusedit.components.shared.device import pick_device
+from fusedit.components.train.loop import train
 from fusedit.model.config import load_recipe
 
 ROWS = {  # label -> Stage fields

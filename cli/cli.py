@@ -11,11 +11,11 @@ from fusedit.errors import UserError, one_line
 # sub-command group name -> module holding a `typer.Typer` called `app`
 GROUPS = {
     "model": "fusedit.model.cli",
-    "data": "fusedit.components.data_cli",
-    "cache": "fusedit.components.cache_cli",
-    "eval": "fusedit.components.eval_cli",
+    "data": "fusedit.components.data.cli",
+    "cache": "fusedit.components.cache.cli",
+    "eval": "fusedit.components.evaluate.cli",
     "pipeline": "fusedit.pipelines.cli",
-    "ablate": "fusedit.components.ablate_cli",
+    "ablate": "fusedit.components.ablate.cli",
 }
 # commands added to a group from a higher layer: (group, name) -> (module, function)
 GROUP_COMMANDS = {
@@ -24,7 +24,7 @@ GROUP_COMMANDS = {
 # top-level commands: name -> (module, function)
 COMMANDS = {
     "generate": ("fusedit.model.cli", "generate"),
-    "train": ("fusedit.components.train_cli", "train_command"),
+    "train": ("fusedit.components.train.cli", "train_command"),
 }
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

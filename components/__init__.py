@@ -1,1 +1,6 @@
-"""Pipeline steps: one typed function per step, shared by the CLI, DVC and KFP."""
+"""The workflow's steps, one package per containerized step, shared by the CLI, DVC and KFP.
+
+data -> cache -> train -> evaluate, and ablate over them; `shared` is the plumbing every step uses.
+A step imports another step only through the modules that step names in its `PUBLIC`
+(tests/test_layers.py checks it).
+"""

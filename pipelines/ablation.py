@@ -16,9 +16,9 @@ import yaml
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
 
-from fusedit.components.ablate import run_record
-from fusedit.components.ablation_spec import Spec, apply_params, runs
-from fusedit.components.train_config import TrainParams
+from fusedit.components.ablate.driver import run_record
+from fusedit.components.ablate.spec import Spec, apply_params, runs
+from fusedit.components.train.config import TrainParams
 from fusedit.pipelines.cache import cache_op
 from fusedit.pipelines.data import filter_op
 from fusedit.pipelines.eval_inputs import with_inputs
@@ -46,7 +46,7 @@ TINY_LLM = "data/tiny/llm"  # the recipes whose LLM `tiny_op` writes
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def run_paths_op(root: str, run: str) -> str:
     """<root>/<run> (or "" when no root is given): where a run's training stages and evaluation land."""
-    from fusedit.components import storage
+    from fusedit.components.shared import storage
 
     return storage.join(root, run) if root else ""
 
@@ -62,8 +62,8 @@ def run_result_op(result: Output[Artifact], run: dict, stages: list, eval_metric
     import json
     import os
 
-    from fusedit.components import storage
-    from fusedit.components.ablate import trainable_params
+    from fusedit.components.ablate.driver import trainable_params
+    from fusedit.components.shared import storage
 
     out = result.path
     os.makedirs(out, exist_ok=True)
@@ -117,7 +117,7 @@ def compare_op(results: Input[List[Artifact]], report: Output[HTML], summary: Ou
     import tempfile
     from pathlib import Path
 
-    from fusedit.components.ablation_report import write_report
+    from fusedit.components.ablate.report import write_report
 
     files = write_report([Path(r.path) for r in results], Path(tempfile.mkdtemp(prefix="fusedit-ablation-")))
     shutil.copyfile(files["html"], report.path)

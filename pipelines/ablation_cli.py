@@ -1,5 +1,5 @@
 """`fusedit ablate compile`: an ablation spec as one KFP v2 pipeline (mounted into the `ablate` group by
-the `fusedit` CLI, so the step code in components/ablate_cli.py needs no pipeline import)."""
+the `fusedit` CLI, so the step code in components/ablate/cli.py needs no pipeline import)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,7 +24,7 @@ def compile_cmd(
 
     The inputs of the spec's evaluation suites that the spec does not give become required run parameters
     (listed after compiling); `fusedit pipeline submit` refuses the run without them."""
-    from fusedit.components.ablation_spec import load_spec
+    from fusedit.components.ablate.spec import load_spec
     from fusedit.pipelines.ablation import compile_ablation
     from fusedit.pipelines.cli import echo_required
     from fusedit.pipelines.resources import parse

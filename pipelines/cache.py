@@ -20,7 +20,7 @@ def cache_op(filtered: Input[Dataset], cache: Output[Dataset], metrics: Output[M
 
     data_version only enters KFP's cache key (see `filter_op`).
     """
-    from fusedit.components.cache import build_cache
+    from fusedit.components.cache.build import build_cache
 
     source = filtered.uri if filtered.uri.startswith("s3://") else filtered.path
     target = cache.uri if cache.uri.startswith("s3://") else cache.path

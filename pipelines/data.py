@@ -15,7 +15,7 @@ from fusedit.pipelines.image import IMAGE
 def synth_op(shards: Output[Dataset], samples: int = 2000, seed: int = 0, shard_size: int = 500,
              bad_fraction: float = 0.1):
     """Write the embedded default data set into the `shards` artifact directory."""
-    from fusedit.components.synth import synth
+    from fusedit.components.data.synth import synth
 
     summary = synth(shards.path, samples=samples, seed=seed, shard_size=shard_size, bad_fraction=bad_fraction)
     shards.metadata.update({"samples": samples, "seed": seed, "shards": len(summary["shards"]),
@@ -35,8 +35,8 @@ def filter_op(shards: Input[Dataset], filtered: Output[Dataset], metrics: Output
 
     import yaml
 
-    from fusedit.components.filter import filter_shards
-    from fusedit.components.filter_config import FilterConfig
+    from fusedit.components.data.filter import filter_shards
+    from fusedit.components.data.filter_config import FilterConfig
 
     source = shards.uri if shards.uri.startswith("s3://") else shards.path
     fields = yaml.safe_load(config_yaml) if config_yaml else {}
@@ -75,8 +75,8 @@ def compare_op(old: Input[Dataset], new: Input[Dataset], report: Output[HTML], s
 
     import yaml
 
-    from fusedit.components.compare_report import write_compare
-    from fusedit.components.data_compare import CompareConfig, compare, load_side
+    from fusedit.components.data.compare import CompareConfig, compare, load_side
+    from fusedit.components.data.compare_report import write_compare
 
     def where(a) -> str:
         return a.uri if a.uri.startswith("s3://") else a.path

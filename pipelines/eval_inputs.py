@@ -58,7 +58,7 @@ def split(ev: dict) -> tuple[dict, dict[str, str]]:
 
 def needed(suites: list, config: dict) -> list[EvalInput]:
     """The inputs `suites` cannot run without (fid's weights only for a learned feature extractor)."""
-    from fusedit.components.evals import SUITES
+    from fusedit.components.evaluate.evals import SUITES
 
     for s in suites:
         if not isinstance(s, str) or s not in SUITES:
@@ -165,7 +165,7 @@ def _fetch(uri: str, workdir: Path) -> str:
     import shutil
     import urllib.request
 
-    from fusedit.components import storage
+    from fusedit.components.shared import storage
 
     workdir.mkdir(parents=True, exist_ok=True)
     target = workdir / (uri.rstrip("/").rsplit("/", 1)[-1] or "weights")

@@ -29,8 +29,9 @@ def evaluate_op(pipeline: Input[Model], metrics: Output[Metrics], report: Output
 
     import yaml
 
-    from fusedit.components import storage
-    from fusedit.components.evaluate import EvalConfig, evaluate
+    from fusedit.components.evaluate.config import EvalConfig
+    from fusedit.components.evaluate.run import evaluate
+    from fusedit.components.shared import storage
     from fusedit.pipelines.eval_inputs import pod_fields
 
     source = pipeline.metadata.get("pipeline") or (pipeline.uri if pipeline.uri.startswith("s3://") else pipeline.path)

@@ -1,6 +1,6 @@
 """KFP v2 training: one GPU task per stage of a params file, each stage initialised from its upstream's output.
 
-The body is `fusedit.components.train.train`, the function behind `fusedit train` and the DVC stages.
+The body is `fusedit.components.train.loop.train`, the function behind `fusedit train` and the DVC stages.
 Training resumes from its last committed checkpoint, so retries are safe: a preempted pod saves on
 SIGTERM and exits 75, and the retry continues where it stopped. Caching is off for training tasks,
 because a cache hit would skip that resume.
@@ -14,7 +14,7 @@ import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from fusedit.components.train_config import load_train_params
+from fusedit.components.train.config import load_train_params
 from fusedit.pipelines.image import IMAGE
 
 GPU = "nvidia.com/gpu"
@@ -39,7 +39,7 @@ def train_op(model: Output[Model], metrics: Output[Metrics], recipe: str, stage:
     import sys
     import tempfile
 
-    from fusedit.components.train import PREEMPTED_EXIT, Preempted, train
+    from fusedit.components.train.loop import PREEMPTED_EXIT, Preempted, train
     from fusedit.pipelines.train_task import record, stage_inputs, train_args
 
     data, target, text = stage_inputs(stage, params, data, cache, init, output_root, model)

@@ -17,7 +17,7 @@ def stage_inputs(stage: str, params: str, data: str, cache, init, output_root: s
     """(data location, output location, params YAML text with `init_from` pointing at the upstream Model)."""
     import os
 
-    from fusedit.components import storage
+    from fusedit.components.shared import storage
 
     data = data or location(cache)
     target = storage.join(output_root, stage) if output_root else location(model)
@@ -39,7 +39,7 @@ def record(model, metrics, target: str, output_root: str, stage: str, recipe: st
     """Fill the Model artifact and the Metrics from the stage's metrics.json (whoever ran the stage)."""
     import json
 
-    from fusedit.components import storage
+    from fusedit.components.shared import storage
 
     r = json.loads(storage.read_bytes(storage.join(target, "metrics.json")))
     model.metadata.update({"output": target, "pipeline": storage.join(target, "pipeline"), "stage": stage,

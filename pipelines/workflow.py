@@ -19,7 +19,7 @@ from pathlib import Path
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Model, Output
 
-from fusedit.components.train_config import TrainParams
+from fusedit.components.train.config import TrainParams
 from fusedit.errors import UserError, read_yaml
 from fusedit.pipelines import eval_inputs as suite_inputs
 from fusedit.pipelines import resources

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from fusedit.components.features import Batch
-from fusedit.components.synth import synth
+from fusedit.components.cache.reader import Batch
+from fusedit.components.data.synth import synth
 from fusedit.model.config import load_recipe
 from tests.conftest import tiny_overrides
 

@@ -34,9 +34,9 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def filtered(tmp_path_factory) -> Path:
     """48 clean synthetic samples through the real filter: the training tests' data."""
-    from fusedit.components.filter import filter_shards
-    from fusedit.components.filter_config import FilterConfig, QualityThresholds
-    from fusedit.components.synth import synth
+    from fusedit.components.data.filter import filter_shards
+    from fusedit.components.data.filter_config import FilterConfig, QualityThresholds
+    from fusedit.components.data.synth import synth
 
     root = tmp_path_factory.mktemp("train-data")
     synth(str(root / "synth"), samples=48, seed=1, shard_size=16, bad_fraction=0.0, short_side=(32, 48))

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PRELOAD = ["torch", "transformers", "diffusers", "fusedit.cli", "fusedit.components.filter",
-           "fusedit.components.cache", "fusedit.components.train", "fusedit.components.evaluate",
+PRELOAD = ["torch", "transformers", "diffusers", "fusedit.cli", "fusedit.components.data.filter",
+           "fusedit.components.cache.build", "fusedit.components.train.loop", "fusedit.components.evaluate.run",
            "fusedit.model.pipeline"]
 _ctx: mp.context.BaseContext | None = None
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from kfp import dsl
 
-from fusedit.components.ablation_spec import load_spec, runs
+from fusedit.components.ablate.spec import load_spec, runs
 from fusedit.pipelines.ablation import compare_op, run_result_op
 from tests.test_ablate_report import GRID, make_run
 

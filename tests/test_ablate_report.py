@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from fusedit.components.evals.synthetic import score_verdicts
-from fusedit.components.evals.synthetic import write_prompts as write_synthetic_prompts
+from fusedit.components.evaluate.evals.synthetic import score_verdicts
+from fusedit.components.evaluate.evals.synthetic import write_prompts as write_synthetic_prompts
 from tests.repo_helpers import chromium_dom
 
 CATS = ["single_object", "colors"]
@@ -75,7 +75,7 @@ GRID = {("deep", 1): ([True, True, False, True], 0.100), ("deep", 2): ([True, Fa
 
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory):
-    from fusedit.components.ablation_report import write_report
+    from fusedit.components.ablate.report import write_report
 
     runs = tmp_path_factory.mktemp("runs")
     for (variant, seed), (verdicts, final_loss) in GRID.items():

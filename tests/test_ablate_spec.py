@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedit.components.ablation_spec import apply_params, cache_overrides, load_spec, runs
+from fusedit.components.ablate.spec import apply_params, cache_overrides, load_spec, runs
 from fusedit.errors import UserError
 from fusedit.model.config import load_recipe, recipe_names
 

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from fusedit.components.cache import build_cache
-from fusedit.components.cache_cli import parse_bytes
-from fusedit.components.cache_format import FingerprintMismatch, check_fingerprint, read_manifest
-from fusedit.components.features import open_features
-from fusedit.components.tario import TarSink
+from fusedit.components.cache.build import build_cache
+from fusedit.components.cache.cli import parse_bytes
+from fusedit.components.cache.format import FingerprintMismatch, check_fingerprint, read_manifest
+from fusedit.components.cache.reader import open_features
+from fusedit.components.shared.tario import TarSink
 from fusedit.errors import UserError
 from fusedit.model import tiny
 from tests.cache_helpers import SHALLOW, cli_sets, make_shards, recipe_overrides, tiny_recipe
@@ -68,7 +68,7 @@ def test_empty_input(tmp_path, tiny_dir):
 def test_sample_without_caption(tmp_path, tiny_dir):
     shards = make_shards(tmp_path / "in", samples=6, shard_size=3)
     bad = shards / "shard-000001.tar"
-    from fusedit.components.tario import iter_samples
+    from fusedit.components.shared.tario import iter_samples
 
     with open(bad, "rb") as f:
         samples = list(iter_samples(f))
@@ -95,7 +95,7 @@ def test_missing_llm_path(tmp_path, tiny_dir):
 def test_disk_budget_refusal_cli(tmp_path, tiny_dir):
     """Through the CLI: one line with the estimate, exit 2, nothing written."""
     shards = make_shards(tmp_path / "in", samples=3, shard_size=3)
-    cmd = [sys.executable, "-m", "fusedit.components.cache_cli", "build", "--input", str(shards),
+    cmd = [sys.executable, "-m", "fusedit.components.cache.cli", "build", "--input", str(shards),
            "--output", str(tmp_path / "out"), "--recipe", SHALLOW, "--max-bytes", "10K",
            *cli_sets(recipe_overrides(SHALLOW, tiny_dir, vae=False))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

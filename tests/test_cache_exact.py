@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedit.components.cache import build_cache
-from fusedit.components.features import CachedFeatures, OnlineFeatures, open_features, sample_x0
-from fusedit.components.frozen import load_text_encoder
+from fusedit.components.cache.build import build_cache
+from fusedit.components.cache.frozen import load_text_encoder
+from fusedit.components.cache.reader import CachedFeatures, OnlineFeatures, open_features, sample_x0
 from fusedit.model.config import resolve
 from fusedit.model.flow import RectifiedFlow
 from fusedit.model.text import llm_config_for

@@ -5,7 +5,7 @@ import json
 
 import yaml
 
-from fusedit.components.cache_format import read_manifest
+from fusedit.components.cache.format import read_manifest
 from fusedit.pipelines.cache import GPU, cache_op, compile_pipeline
 from tests.cache_helpers import SHALLOW, make_shards, recipe_overrides
 

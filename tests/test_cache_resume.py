@@ -10,10 +10,10 @@ from collections import Counter
 
 import pytest
 
-from fusedit.components import features as features_mod
-from fusedit.components.cache import build_cache
-from fusedit.components.cache_format import read_manifest
-from fusedit.components.features import open_features
+from fusedit.components.cache import reader as features_mod
+from fusedit.components.cache.build import build_cache
+from fusedit.components.cache.format import read_manifest
+from fusedit.components.cache.reader import open_features
 from tests.cache_helpers import DEEP, SHALLOW, cli_sets, make_shards, recipe_overrides, same_batch, tiny_recipe, tree
 
 
@@ -23,7 +23,7 @@ def test_sigkill_mid_build_then_rerun_equals_uninterrupted(tmp_path, tiny_dir):
     build_cache(str(shards), str(tmp_path / "reference"), recipe, batch_size=1, progress=False)
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-u", "-m", "fusedit.components.cache_cli", "build", "--input", str(shards),
+    cmd = [sys.executable, "-u", "-m", "fusedit.components.cache.cli", "build", "--input", str(shards),
            "--output", str(out), "--recipe", DEEP, "--batch-size", "1",
            *cli_sets(recipe_overrides(DEEP, tiny_dir, vae=True))]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import itertools
 
-from fusedit.components import storage
-from fusedit.components.cache import build_cache
-from fusedit.components.cache_format import read_manifest
-from fusedit.components.features import CachedFeatures, open_features
+from fusedit.components.cache.build import build_cache
+from fusedit.components.cache.format import read_manifest
+from fusedit.components.cache.reader import CachedFeatures, open_features
+from fusedit.components.shared import storage
 from tests.cache_helpers import SHALLOW, make_shards, same_batch, tiny_recipe
 
 

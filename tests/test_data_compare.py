@@ -19,9 +19,9 @@ from PIL import Image
 from scipy.stats import ks_2samp
 
 from fusedit.cli import main
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig
-from fusedit.components.synth import synth
+from fusedit.components.data.filter import filter_shards
+from fusedit.components.data.filter_config import FilterConfig
+from fusedit.components.data.synth import synth
 
 N = 200
 DUPLICATES = ("exact_duplicate", "near_duplicate")

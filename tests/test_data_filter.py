@@ -11,10 +11,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from fusedit.components import filter as filt
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig, load_filter_config
-from fusedit.components.synth import DEFECTS, synth
+from fusedit.components.data import filter as filt
+from fusedit.components.data.filter import filter_shards
+from fusedit.components.data.filter_config import FilterConfig, load_filter_config
+from fusedit.components.data.synth import DEFECTS, synth
 from fusedit.errors import UserError
 from tests.data_helpers import build_tokenizer, jpeg, member_ends, synth_defects, write_tar
 
@@ -180,7 +180,7 @@ def test_cc12m_layout_via_column_mapping_and_oversized_members(tmp_path):
 
 def test_token_limit_uses_the_tokenizer(synth_dir, tmp_path):
     d, summary = synth_dir
-    from fusedit.components import scenes
+    from fusedit.components.data import scenes
 
     words = ["a", "an", "on", "light", "gray", "background", "and", "to", "the", "of", "left", "right",
              "above", "below", "one", "two", "three", *scenes.COLORS, *scenes.SHAPES, *scenes.PLURALS.values()]

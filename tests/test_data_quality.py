@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from fusedit.components.filter import QualityGateError, filter_shards
-from fusedit.components.filter_config import FilterConfig
-from fusedit.components.synth import synth
+from fusedit.components.data.filter import QualityGateError, filter_shards
+from fusedit.components.data.filter_config import FilterConfig
+from fusedit.components.data.synth import synth
 from tests.repo_helpers import chromium_dom
 
 

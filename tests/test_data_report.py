@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig
-from fusedit.components.synth import DEFECTS, synth
+from fusedit.components.data.filter import filter_shards
+from fusedit.components.data.filter_config import FilterConfig
+from fusedit.components.data.synth import DEFECTS, synth
 from tests.repo_helpers import chromium_dom
 
 EXAMPLES = 3  # FilterConfig.examples_per_reason's default

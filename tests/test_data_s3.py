@@ -10,10 +10,10 @@ import pytest
 import webdataset as wds
 from moto.server import ThreadedMotoServer
 
-from fusedit.components import storage
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig
-from fusedit.components.synth import synth
+from fusedit.components.data.filter import filter_shards
+from fusedit.components.data.filter_config import FilterConfig
+from fusedit.components.data.synth import synth
+from fusedit.components.shared import storage
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_unreachable_endpoint_is_retried_then_one_error(s3, tmp_path, monkeypatc
     monkeypatch.setenv("FUSEDIT_S3_ENDPOINT", dead)
     storage.configure(retries=3, backoff_s=0.01)
     uri = "s3://some-bucket/shards/shard-0001.tar"
-    with caplog.at_level(logging.WARNING, logger="fusedit.components.storage"):
+    with caplog.at_level(logging.WARNING, logger="fusedit.components.shared.storage"):
         with pytest.raises(storage.StorageError) as err:
             storage.open_read(uri)
     msg = str(err.value)

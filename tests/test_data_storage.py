@@ -5,8 +5,8 @@ import tarfile
 
 import pytest
 
-from fusedit.components import storage
-from fusedit.components.tario import ShardError, TarSink, iter_samples
+from fusedit.components.shared import storage
+from fusedit.components.shared.tario import ShardError, TarSink, iter_samples
 from tests.data_helpers import jpeg, member_ends, write_tar
 
 

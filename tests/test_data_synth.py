@@ -10,8 +10,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from fusedit.components import scenes
-from fusedit.components.synth import DEFECTS, synth
+from fusedit.components.data import scenes
+from fusedit.components.data.synth import DEFECTS, synth
 
 
 def _digest(d):

@@ -147,6 +147,16 @@ def test_image_layout(variant):
     assert dirs | {"pyproject.toml", "README.md"} <= copied, f"{path.name} misses {dirs - copied}"
 
 
+
+def test_every_package_folder_is_installed():
+    """`pip install .` (the images) installs only the listed packages: a step folder left out of the list
+    would import in the editable dev install and be missing in the image."""
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {folder: package for package, folder in setup["package-dir"].items()}
+    found = {".".join([package, *init.parent.relative_to(ROOT / folder).parts])
+             for folder, package in folders.items() for init in (ROOT / folder).rglob("__init__.py")}
+    assert found <= set(setup["packages"]), f"pyproject.toml packages miss {sorted(found - set(setup['packages']))}"
+
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))
 def test_no_secrets_baked_in(variant):
     path = DOCKERFILES[variant]

@@ -15,14 +15,25 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"fusedit.model": "model", "fusedit.components": "components", "fusedit.pipelines": "pipelines",
             "fusedit.jobs": "k8s/jobs", "fusedit": "cli"}  # pyproject's package-dir
+
+
+def suites() -> list[str]:
+    """The suite modules the evaluate step loads by name (`SUITES` in evals/__init__.py, read from the source)."""
+    tree = ast.parse((ROOT / "components" / "evaluate" / "evals" / "__init__.py").read_text())
+    value = next(n.value for n in tree.body
+                 if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "SUITES")
+    return list(ast.literal_eval(value).values())
+
+
 # stage -> the modules its command runs (its step function's module and its CLI group)
 STAGES = {
-    "synth": ["fusedit.components.synth", "fusedit.components.data_cli:synth"],
-    "filter": ["fusedit.components.filter", "fusedit.components.data_cli:filter_cmd"],
+    "synth": ["fusedit.components.data.synth", "fusedit.components.data.cli:synth"],
+    "filter": ["fusedit.components.data.filter", "fusedit.components.data.cli:filter_cmd"],
     "tiny": ["fusedit.model.tiny", "fusedit.model.cli"],
-    "cache": ["fusedit.components.cache", "fusedit.components.cache_cli"],
-    "train": ["fusedit.components.train", "fusedit.components.train_cli"],
-    "evaluate": ["fusedit.components.evaluate", "fusedit.components.eval_cli"],
+    "cache": ["fusedit.components.cache.build", "fusedit.components.cache.cli"],
+    "train": ["fusedit.components.train.loop", "fusedit.components.train.cli"],
+    "evaluate": ["fusedit.components.evaluate.run", "fusedit.components.evaluate.cli",
+                 *suites()],  # the suites it loads by name
 }
 
 
@@ -95,6 +106,13 @@ def test_every_module_a_stage_runs_is_a_dependency(stage):
 
 
 def test_the_train_stage_depends_on_the_sample_order():
-    """The case that drifted: order.py decides which samples each step sees, so every loss."""
-    assert ROOT / "components" / "order.py" in closure(STAGES["train"])
-    assert "components/order.py" in listed("train")
+    """The case that drifted: order.py decides which samples each step sees, so every loss. The trainer
+    reaches it through the cache's reader, so the train stage depends on the cache folder."""
+    assert ROOT / "components" / "cache" / "order.py" in closure(STAGES["train"])
+    assert "components/cache" in listed("train")
+
+
+def test_the_evaluate_stage_depends_on_the_scene_grammar():
+    """The synthetic judge scores against the data step's scene grammar, loaded through a suite by name."""
+    assert ROOT / "components" / "data" / "scenes.py" in closure(STAGES["evaluate"])
+    assert not missing("evaluate")

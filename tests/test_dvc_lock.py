@@ -39,7 +39,7 @@ def test_committed_lock_matches_the_code_and_params():
 
 def test_stale_entries_are_recognised():
     status = {"synth": [{"changed outs": {"data/synth": "deleted"}}],
-              "filter": [{"changed deps": {"data/synth": "deleted", "components/filter.py": "modified"}}],
+              "filter": [{"changed deps": {"data/synth": "deleted", "components/data/filter.py": "modified"}}],
               "evaluate": ["changed command", {"changed deps": {"params.yaml": {"eval": "modified"}}}]}
-    assert stale_dependencies(status) == {"filter": ["components/filter.py: modified"],
+    assert stale_dependencies(status) == {"filter": ["components/data/filter.py: modified"],
                                           "evaluate": ["command", "params.yaml: {'eval': 'modified'}"]}

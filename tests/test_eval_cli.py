@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedit.components.evaluate import EvalConfig, evaluate
+from fusedit.components.evaluate.config import EvalConfig
+from fusedit.components.evaluate.run import evaluate
 from fusedit.errors import UserError
 from tests.eval_helpers import export_tiny
 

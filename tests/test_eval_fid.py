@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from fusedit.components import scenes
-from fusedit.components.evals import fid, synthetic
+from fusedit.components.data import scenes
+from fusedit.components.evaluate.evals import fid, synthetic
 from fusedit.errors import UserError
 
 

@@ -7,10 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fusedit.components import scenes
-from fusedit.components.evals import following, synthetic
-from fusedit.components.evals.sampling import save_png
-from fusedit.components.evaluate import EvalConfig, evaluate
+from fusedit.components.data import scenes
+from fusedit.components.evaluate.config import EvalConfig
+from fusedit.components.evaluate.evals import following, synthetic
+from fusedit.components.evaluate.evals.sampling import save_png
+from fusedit.components.evaluate.run import evaluate
 from tests.eval_helpers import export_tiny
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusedit.components import scenes
-from fusedit.components.evals import judge as J
-from fusedit.components.evals import synthetic as S
+from fusedit.components.data import scenes
+from fusedit.components.evaluate.evals import judge as J
+from fusedit.components.evaluate.evals import synthetic as S
 
 
 @pytest.mark.parametrize(("size", "seed"), [(32, 11), (64, 12), (32, 13)])

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusedit.components.evaluate import EvalConfig, evaluate
+from fusedit.components.evaluate.config import EvalConfig
+from fusedit.components.evaluate.run import evaluate
 from fusedit.errors import UserError
 from tests.eval_helpers import export_tiny
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusedit.components.evals import geneval
-from fusedit.components.evals.sampling import Job, Sampler
-from fusedit.components.evaluate import EvalConfig, evaluate, load_config
+from fusedit.components.evaluate.config import EvalConfig, load_config
+from fusedit.components.evaluate.evals import geneval
+from fusedit.components.evaluate.evals.sampling import Job, Sampler
+from fusedit.components.evaluate.run import evaluate
 from fusedit.errors import UserError
 from tests.eval_helpers import build_clip, export_tiny
 
@@ -73,8 +74,8 @@ def test_dpg_grids_named_after_the_prompt(tmp_path, pipe_dir):
 
 
 def test_fid_and_clipscore_suites(tmp_path, pipe_dir, tiny_dir):
-    from fusedit.components import scenes
-    from fusedit.components.evals import synthetic
+    from fusedit.components.data import scenes
+    from fusedit.components.evaluate.evals import synthetic
 
     real = tmp_path / "real" / "cat"
     real.mkdir(parents=True)
@@ -150,7 +151,7 @@ def test_synthetic_suite_resumes_and_refuses_other_settings(tmp_path, pipe_dir):
 def test_rank_slices_draw_the_same_images(tmp_path, pipe_dir):
     import torch
 
-    from fusedit.components.evaluate import load_pipeline
+    from fusedit.components.evaluate.run import load_pipeline
 
     pipe = load_pipeline(pipe_dir, torch.device("cpu"), torch.float32)
     got: dict[int, dict[int, list]] = {}

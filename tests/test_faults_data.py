@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedit.components.cache import build_cache
-from fusedit.components.cache_format import FEATURES_EXT
-from fusedit.components.features import open_features
+from fusedit.components.cache.build import build_cache
+from fusedit.components.cache.format import FEATURES_EXT
+from fusedit.components.cache.reader import open_features
 from fusedit.errors import UserError
 from tests.cache_helpers import SHALLOW, make_shards, tiny_recipe
 from tests.fault_helpers import Run

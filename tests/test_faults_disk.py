@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedit.components import checkpoint
+from fusedit.components.train import checkpoint
 from tests.fault_helpers import Run
 
 

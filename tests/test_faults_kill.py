@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedit.components import checkpoint
-from fusedit.components.tario import iter_samples
+from fusedit.components.shared.tario import iter_samples
+from fusedit.components.train import checkpoint
 from tests.cache_helpers import DEEP, cli_sets, recipe_overrides, tree
 from tests.fault_helpers import Run, kill_and_resume
 
@@ -40,7 +40,7 @@ def _untimed(files: dict[str, bytes]) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory) -> Path:
-    from fusedit.components.synth import synth
+    from fusedit.components.data.synth import synth
 
     root = tmp_path_factory.mktemp("kill-synth")
     synth(str(root), samples=96, seed=3, shard_size=12, bad_fraction=0.1, short_side=(32, 48))

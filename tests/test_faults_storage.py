@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from fusedit.cli import main as cli_main
-from fusedit.components import checkpoint, storage
-from fusedit.components.cache import build_cache
-from fusedit.components.cache_format import read_manifest
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig, S3Config
-from fusedit.components.synth import synth
+from fusedit.components.cache.build import build_cache
+from fusedit.components.cache.format import read_manifest
+from fusedit.components.data.filter import filter_shards
+from fusedit.components.data.filter_config import FilterConfig, S3Config
+from fusedit.components.data.synth import synth
+from fusedit.components.shared import storage
+from fusedit.components.train import checkpoint
 from tests.cache_helpers import SHALLOW, make_shards, tiny_recipe
 from tests.faultproxy import FaultProxy, Rule
 

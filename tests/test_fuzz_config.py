@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fusedit.cli import _user_error_line
-from fusedit.components.evaluate import EvalConfig
-from fusedit.components.evaluate import load_config as load_eval_config
-from fusedit.components.filter_config import FilterConfig, load_filter_config
-from fusedit.components.train_config import TrainParams, load_train_params
+from fusedit.components.data.filter_config import FilterConfig, load_filter_config
+from fusedit.components.evaluate.config import EvalConfig
+from fusedit.components.evaluate.config import load_config as load_eval_config
+from fusedit.components.train.config import TrainParams, load_train_params
 from fusedit.errors import UserError, one_line
 from fusedit.model.config import RECIPES_DIR, Recipe, load_recipe
 from fusedit.pipelines.workflow import Options, compile_workflow

@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fusedit.components.checks import REASONS
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig, QualityThresholds
-from fusedit.components.tario import ShardError, iter_members, iter_samples, split_name, unsafe_key
+from fusedit.components.data.checks import REASONS
+from fusedit.components.data.filter import filter_shards
+from fusedit.components.data.filter_config import FilterConfig, QualityThresholds
+from fusedit.components.shared.tario import ShardError, iter_members, iter_samples, split_name, unsafe_key
 from tests.fuzzing import fuzz_case, fuzz_examples, no_hang
 
 # ---------------------------------------------------------------- strategies

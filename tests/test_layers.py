@@ -2,7 +2,9 @@
 
 Read from the source (every import statement, those inside functions included), not by importing it:
 a module may import its own layer and the layers below, never one above, and nothing imports the CLI
-except the CLI.
+except the CLI. Within components/, a step package (data, cache, train, evaluate, ablate) imports another
+step only through the modules that step lists in its `PUBLIC` (the trainer reads the cache through
+`cache.reader`, never its builder), and components/shared imports no step at all.
 """
 from __future__ import annotations
 
@@ -52,14 +54,74 @@ def violations(files: list[Path]) -> list[str]:
     return bad
 
 
+COMPONENTS = "fusedit.components"
+SHARED = f"{COMPONENTS}.shared"
+
+
+def steps() -> dict[str, tuple[str, ...]]:
+    """Step package -> its public modules (`PUBLIC` in its __init__.py, read from the source)."""
+    out = {}
+    for init in sorted((ROOT / "components").glob("*/__init__.py")):
+        if init.parent.name == "shared":
+            continue
+        tree = ast.parse(init.read_text())
+        value = next((n.value for n in tree.body if isinstance(n, ast.Assign)
+                      and getattr(n.targets[0], "id", None) == "PUBLIC"), None)
+        assert value is not None, f"{init.relative_to(ROOT)} names no PUBLIC modules"
+        out[f"{COMPONENTS}.{init.parent.name}"] = tuple(ast.literal_eval(value))
+    return out
+
+
+def step_of(module: str, packages: dict[str, tuple[str, ...]]) -> str | None:
+    return next((p for p in packages if module == p or module.startswith(p + ".")), None)
+
+
+def component_imports(path: Path) -> list[tuple[int, str]]:
+    """Like `imports`, but `from package import name` names the submodule (package.name) it may be."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return [(line, m) for line, m in out if m.startswith(COMPONENTS + ".")]
+
+
+def step_violations(files: list[Path]) -> list[str]:
+    packages, bad = steps(), []
+    for path in files:
+        me = module_name(path)
+        mine = step_of(me, packages)
+        if mine is None and not me.startswith(SHARED + ".") and me != SHARED:
+            continue  # not a step module: pipelines and the CLI may import any step module
+        for line, target in component_imports(path):
+            theirs = step_of(target, packages)
+            if theirs is None or theirs == mine:
+                continue
+            where = f"{path.relative_to(ROOT)}:{line}: {me}"
+            if mine is None:
+                bad.append(f"{where} imports {target}: components/shared imports no step")
+            elif not any(step_of(target, {f"{theirs}.{p}": ()}) for p in packages[theirs]):
+                bad.append(f"{where} imports {target}, not one of {theirs}'s public modules "
+                           f"{list(packages[theirs])}")
+    return bad
+
+
 def project_files() -> list[Path]:
     return sorted(p for folder in FOLDERS for p in (ROOT / folder).rglob("*.py"))
 
 
 def test_imports_flow_one_way():
     files = project_files()
-    assert len(files) > 60 and any(p.name == "ablate_cli.py" for p in files)
+    assert len(files) > 60 and (ROOT / "components" / "ablate" / "cli.py") in files
     assert not violations(files), "\n".join(violations(files))
+
+
+def test_steps_import_each_other_only_through_public_modules():
+    files = project_files()
+    assert set(steps()) == {f"{COMPONENTS}.{s}" for s in ("data", "cache", "train", "evaluate", "ablate")}
+    assert steps()[f"{COMPONENTS}.cache"] == ("reader",)
+    assert not step_violations(files), "\n".join(step_violations(files))
 
 
 def test_a_backwards_import_is_caught(tmp_path):
@@ -72,3 +134,25 @@ def test_a_backwards_import_is_caught(tmp_path):
         planted.unlink()
     assert found == ["components/_planted_layer_test.py:2: fusedit.components._planted_layer_test (layer 2) "
                      "imports fusedit.pipelines.workflow (layer 3)"]
+
+
+def test_a_step_reading_another_steps_internals_is_caught():
+    """The trainer importing the cache's builder, and the shared plumbing importing any step, are reported;
+    the trainer importing the cache's reader is not."""
+    planted = {ROOT / "components" / "train" / "_planted_step_test.py":
+               "from fusedit.components.cache import reader\nfrom fusedit.components.cache.build import build_cache\n",
+               ROOT / "components" / "shared" / "_planted_step_test.py":
+               "def f():\n    from fusedit.components.cache.reader import open_features\n    return open_features\n"}
+    try:
+        for path, text in planted.items():
+            path.write_text(text)
+        found = step_violations(sorted(planted))
+    finally:
+        for path in planted:
+            path.unlink()
+    assert found == [
+        "components/shared/_planted_step_test.py:2: fusedit.components.shared._planted_step_test imports "
+        "fusedit.components.cache.reader.open_features: components/shared imports no step",
+        "components/train/_planted_step_test.py:2: fusedit.components.train._planted_step_test imports "
+        "fusedit.components.cache.build.build_cache, not one of fusedit.components.cache's public modules ['reader']",
+    ]

@@ -9,9 +9,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig
-from fusedit.components.synth import synth
+from fusedit.components.data.filter import filter_shards
+from fusedit.components.data.filter_config import FilterConfig
+from fusedit.components.data.synth import synth
 from tests.cache_helpers import tree
 from tests.fault_helpers import Run
 

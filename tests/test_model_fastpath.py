@@ -184,7 +184,7 @@ def test_stage_activation_checkpointing_reaches_the_trainer(tmp_path, tiny_dir, 
     import torch.utils.checkpoint
     import yaml
 
-    from fusedit.components.train import train
+    from fusedit.components.train.loop import train
 
     stage = {"name": "ckpt", "steps": 2, "batch_size": 2, "save_every": 2, "log_every": 1,
              "sample_prompts": ["a red square"], "activation_checkpointing": True}

@@ -16,8 +16,8 @@ import torch
 import yaml
 from PIL import Image
 
-from fusedit.components.cache import build_cache
-from fusedit.components.train import train
+from fusedit.components.cache.build import build_cache
+from fusedit.components.train.loop import train
 from fusedit.model import tiny
 from fusedit.model.config import load_recipe
 from fusedit.model.pipeline import FuseDiTPipeline

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedit.components import checkpoint
+from fusedit.components.train import checkpoint
 from fusedit.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def _swap_for_pickle(directory: Path, marker: Path, bin_name: str) -> None:
 
 
 def test_exported_pipeline_with_pickled_weights_is_refused(tiny_pipeline, tmp_path):
-    from fusedit.components.evaluate import load_pipeline
+    from fusedit.components.evaluate.run import load_pipeline
     from fusedit.model.pipeline import FuseDiTPipeline
 
     FuseDiTPipeline.from_pretrained(str(tiny_pipeline / "pipeline"), use_safetensors=True)  # intact: loads
@@ -139,7 +139,7 @@ def test_llm_directory_with_pickled_weights_is_refused(tiny_pipeline, tmp_path):
 
 
 def test_vae_directory_with_pickled_weights_is_refused(tiny_pipeline, tmp_path):
-    from fusedit.components.frozen import ImageEncoder
+    from fusedit.components.cache.frozen import ImageEncoder
     from fusedit.model.config import load_recipe
 
     marker = tmp_path / "ran"

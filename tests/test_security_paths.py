@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from fusedit.components.filter import filter_shards
-from fusedit.components.filter_config import FilterConfig, QualityThresholds
-from fusedit.components.tario import TarSink, UnsafeKeyError
+from fusedit.components.data.filter import filter_shards
+from fusedit.components.data.filter_config import FilterConfig, QualityThresholds
+from fusedit.components.shared.tario import TarSink, UnsafeKeyError
 from fusedit.errors import UserError
 from tests.data_helpers import jpeg
 
@@ -96,7 +96,7 @@ def test_tar_writer_refuses_unsafe_member_names(key):
 
 def test_cache_build_refuses_a_hostile_key(tiny_dir, tmp_path):
     """A shard that skipped the filter: the cache build stops with one line naming the key, writes no tar."""
-    from fusedit.components.cache import build_cache
+    from fusedit.components.cache.build import build_cache
     from tests.cache_helpers import tiny_recipe
 
     shard = tmp_path / "in" / "s.tar"
@@ -118,7 +118,7 @@ def test_cache_build_refuses_a_hostile_key(tiny_dir, tmp_path):
 @pytest.mark.parametrize("name", ["../../evil", "/abs", "a/b", ".hidden", "nul\x00", ""])
 def test_prompt_names_stay_file_names(tmp_path, name):
     """DPG/CLIP/FID prompt names become `<name>.png` under samples/: a name that leaves it is refused."""
-    from fusedit.components.evals.prompts import read_named_prompts
+    from fusedit.components.evaluate.evals.prompts import read_named_prompts
 
     f = tmp_path / "prompts.jsonl"
     f.write_text(json.dumps({"id": name, "prompt": "a cat"}) + "\n")
@@ -134,7 +134,7 @@ def test_stage_names_cannot_name_a_parent(name):
     """A stage's outputs go to <output_root>/<stage>: '..' would be the parent of the root."""
     from pydantic import ValidationError
 
-    from fusedit.components.train_config import TrainParams
+    from fusedit.components.train.config import TrainParams
 
     with pytest.raises(ValidationError, match="only dots"):
         TrainParams.model_validate({"stages": [{"name": name, "steps": 1}]})
@@ -147,8 +147,8 @@ def test_s3_pipeline_download_stays_in_its_directory(s3_server, tmp_path, monkey
     """An exported pipeline on S3 whose keys contain `..` cannot write outside the local download dir."""
     import boto3
 
-    from fusedit.components import storage
-    from fusedit.components.evaluate import local_pipeline
+    from fusedit.components.evaluate.run import local_pipeline
+    from fusedit.components.shared import storage
 
     monkeypatch.setattr(storage, "_options", storage.S3Options())  # the endpoint from the env; restored after
 

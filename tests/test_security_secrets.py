@@ -21,8 +21,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from fusedit.components.filter_config import FilterConfig
-from fusedit.components.synth import synth
+from fusedit.components.data.filter_config import FilterConfig
+from fusedit.components.data.synth import synth
 from fusedit.pipelines.workflow import SECRET_KEYS
 from tests.test_workflow_kfp import _KFP
 
@@ -48,7 +48,7 @@ def find_leaks(blobs: dict[str, bytes]) -> list[str]:
 
 @pytest.fixture
 def secret_env(s3_server, monkeypatch):
-    from fusedit.components import storage
+    from fusedit.components.shared import storage
 
     for k, v in SECRETS.items():
         monkeypatch.setenv(k, v)

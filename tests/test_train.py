@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from fusedit.components.train_config import load_train_params
+from fusedit.components.train.config import load_train_params
 from fusedit.errors import UserError
 
 FUSEDIT = str(Path(sys.executable).parent / "fusedit")
@@ -126,7 +126,7 @@ def test_bad_stage_configs_are_clear_errors(tmp_path):
 
 
 def test_cache_with_another_fingerprint_is_refused(tmp_path, tiny_dir, filtered):
-    from fusedit.components.cache import build_cache
+    from fusedit.components.cache.build import build_cache
 
     over = [f"model.llm={tiny_dir / 'gemma'}", "model.resolution=16", "model.max_prompt_length=16"]
     build_cache(str(filtered / "shards"), str(tmp_path / "cache"), "tiny", over, progress=False)

@@ -7,7 +7,8 @@ import boto3
 import pytest
 import torch
 
-from fusedit.components import checkpoint, storage
+from fusedit.components.shared import storage
+from fusedit.components.train import checkpoint
 
 
 def _save(root, step, keep=2):

@@ -13,12 +13,12 @@ import torch
 import yaml
 from torch._dynamo.utils import counters
 
-from fusedit.components import distributed
-from fusedit.components.cache import build_cache
-from fusedit.components.features import open_features
-from fusedit.components.step_inputs import Prefetch, make_inputs
-from fusedit.components.train import train
-from fusedit.components.train_logs import TrainLogs
+from fusedit.components.cache.build import build_cache
+from fusedit.components.cache.reader import open_features
+from fusedit.components.train import distributed
+from fusedit.components.train.logs import TrainLogs
+from fusedit.components.train.loop import train
+from fusedit.components.train.step_inputs import Prefetch, make_inputs
 from fusedit.model.config import resolve
 from fusedit.model.flow import RectifiedFlow
 from fusedit.model.text import llm_config_for
@@ -151,8 +151,8 @@ def test_losses_are_read_back_in_batches_and_a_nan_stops_before_the_save(tmp_pat
 def test_ema_update_is_the_lerp_and_lives_where_memory_allows(monkeypatch):
     from types import SimpleNamespace
 
-    from fusedit.components.train import EMA, _ema_on_device
-    from fusedit.components.train_config import Stage
+    from fusedit.components.train.config import Stage
+    from fusedit.components.train.loop import EMA, _ema_on_device
 
     g = torch.Generator().manual_seed(0)
     w0 = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
@@ -186,7 +186,7 @@ def test_ema_update_is_the_lerp_and_lives_where_memory_allows(monkeypatch):
 
 def test_compile_auto_falls_back_to_eager_when_compilation_fails(tmp_path, cache, monkeypatch, caplog):
     """`compile: auto` (a GPU default) must not stop a stage where the compiler cannot run; `blocks` does."""
-    from fusedit.components import train as train_module
+    from fusedit.components.train import loop as train_module
 
     def broken(_gm, _inputs):
         raise RuntimeError("no working compiler here")

@@ -63,14 +63,15 @@ def test_two_stages_run_with_kfp_local(tmp_path, tiny_dir, filtered):
     assert set(outputs) == {"train-op", "train-op-2"}, outputs
     base, joint = outputs["train-op"], outputs["train-op-2"]
     metrics = json.loads((joint / "metrics.json").read_text())
-    assert metrics["stage"] == "joint" and metrics["start_step"] == 0 and metrics["llm_trainable_params"] > 0
+    timing = json.loads((joint / "timing.json").read_text())  # run facts are kept out of the tracked metrics
+    assert metrics["stage"] == "joint" and timing["start_step"] == 0 and metrics["llm_trainable_params"] > 0
     assert (base / "checkpoints").is_dir() and (joint / "samples.png").is_file()
 
 
 def test_preempted_stage_exits_75_so_kfp_retries(tmp_path, monkeypatch):
     from kfp.dsl import Metrics, Model
 
-    from fusedit.components import train as train_mod
+    from fusedit.components.train import loop as train_mod
 
     def preempted(*args, **kwargs):
         raise train_mod.Preempted("SIGTERM, checkpoint committed at step 2")
@@ -96,5 +97,5 @@ def test_several_gpus_run_the_stage_under_torchrun(tmp_path, tiny_dir, filtered)
     train_op.python_func(model=model, metrics=metrics, recipe="tiny", stage="base", data=str(filtered),
                          params=str(params), overrides=sets, device="cpu", processes=2)
     out = Path(model.metadata["output"])
-    assert json.loads((out / "metrics.json").read_text())["world"] == 2
+    assert json.loads((out / "timing.json").read_text())["world"] == 2
     assert (out / "pipeline" / "model_index.json").is_file() and model.metadata["steps"] == 2

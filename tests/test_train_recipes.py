@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fusedit.components.cache import build_cache
-from fusedit.components.train import train
+from fusedit.components.cache.build import build_cache
+from fusedit.components.train.loop import train
 from fusedit.model.config import recipe_names
 from tests.cache_helpers import make_shards, tiny_recipe
 

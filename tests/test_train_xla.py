@@ -33,7 +33,7 @@ RTOL = 1e-4
 # sharding the runtime holds for every DiT parameter after training.
 SPY = textwrap.dedent("""
     import json, sys
-    from fusedit.components import xla
+    from fusedit.components.train import xla
     seen = {}
     _shard = xla.shard
     def shard(model):
@@ -63,7 +63,7 @@ def _losses(out: Path) -> list[float]:
 
 
 def test_fsdp_spec_splits_the_largest_divisible_dim():
-    from fusedit.components.xla import fsdp_spec
+    from fusedit.components.train.xla import fsdp_spec
 
     assert fsdp_spec((64, 30), 4) == ("fsdp", None)
     assert fsdp_spec((30, 64), 4) == (None, "fsdp")
@@ -73,7 +73,7 @@ def test_fsdp_spec_splits_the_largest_divisible_dim():
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_xla") is not None, reason="torch_xla is installed here")
 def test_xla_device_without_torch_xla_is_a_clear_error():
-    from fusedit.components import xla
+    from fusedit.components.train import xla
     from fusedit.errors import UserError
 
     with pytest.raises(UserError, match="make xla-venv"):
@@ -127,7 +127,7 @@ def test_xla_spmd_stage_matches_eager_and_shards_over_4_devices(tmp_path, tiny_d
     # the XLA run's checkpoint and export load in the main venv (torch 2.13), next to the eager one
     import torch
 
-    from fusedit.components import checkpoint
+    from fusedit.components.train import checkpoint
 
     cx = checkpoint.load_latest(str(xla_out / "checkpoints"))
     ce = checkpoint.load_latest(str(eager_out / "checkpoints"))

@@ -1,0 +1,377 @@
+"""The filter step: shards in (local or S3), clean resharded shards + rejects, stats, metrics, report out.
+
+Two passes. (1) In parallel, one input shard per task: stream the tar, judge every sample on its
+own, write the passing ones to a per-shard work tar and one stats row per sample (a shard that is
+done is skipped on a re-run). (2) In one process: mark duplicates across the whole input in input
+order, reshard the survivors, write rejects/stats/metrics and the data-quality report, and publish
+(data first, manifest last). Every input sample is either kept or has a reject row.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from pydantic import BaseModel
+
+from fusedit.components.shared import storage
+from fusedit.components.data.checks import DECODE_REASONS, EMPTY_ROW, REASONS, judge
+from fusedit.components.data.dedupe import mark_duplicates
+from fusedit.components.data.examples import ShardPicker, image_reader, pick_examples
+from fusedit.components.data.filter_config import FilterConfig
+from fusedit.components.shared.tario import Sample, ShardError, TarSink, iter_samples
+from fusedit.errors import UserError
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+# Files of a run that record how it went, not what it decided (timings; Great Expectations' own run
+# history, named by run time): left out of the manifest, and out of DVC's hash of the report (.dvcignore)
+RUN_RECORDS = ("timing.json", "report/validation.json", "report/gx/")
+
+_tokenizers: dict[str, Any] = {}
+
+
+class FilterResult(BaseModel):
+    output: str
+    n_in: int
+    n_kept: int
+    n_rejected: int
+    reasons: dict[str, int]
+    shards: list[str]
+    n_bad_shards: int
+    quality_success: bool | None = None
+    failed_expectations: list[str] = []
+    reused: bool = False  # the published output already matched inputs + config
+    metrics: dict[str, Any] = {}  # what was decided: a function of inputs and config (metrics.json)
+    run: dict[str, Any] = {}  # how the run went (seconds, images/s, workers): timing.json, never metrics
+
+
+class QualityGateError(UserError):
+    """The data-quality suite failed and `fail_on_quality` is set (outputs are already written)."""
+
+
+class WorkerDied(UserError):
+    """A pass-1 worker process died (killed, out of memory); finished shards are kept for a rerun."""
+
+
+# ------------------------------------------------------------------ pass 1: one shard
+
+def _tokenizer(path: str | None):
+    if path is None:
+        return None
+    if path not in _tokenizers:
+        from transformers import AutoTokenizer
+
+        try:
+            _tokenizers[path] = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # noqa: BLE001 - any loader failure is a bad --tokenizer
+            raise UserError(f"cannot load tokenizer from {path!r}: {type(exc).__name__}: {exc}") from None
+    return _tokenizers[path]
+
+
+def process_shard(task: dict[str, Any]) -> dict[str, Any]:
+    """Judge every sample of one input shard; write kept.tar, rows.jsonl, thumbs.json, done.json."""
+    cfg = FilterConfig.model_validate(task["config"])
+    storage.configure(**cfg.s3.model_dump())
+    tok = _tokenizer(cfg.tokenizer)
+    uri, sdir = task["uri"], task["dir"]
+    shutil.rmtree(sdir, ignore_errors=True)
+    os.makedirs(sdir)
+    rows: list[dict[str, Any]] = []
+    picker = ShardPicker(cfg.example_seed, cfg.examples_per_reason)
+    bad: dict[str, Any] | None = None
+    t0 = time.perf_counter()
+    with open(os.path.join(sdir, "kept.tar.part"), "wb") as fout:
+        writer = TarSink(fout)
+        try:
+            with storage.open_read(uri) as stream:
+                for sample in iter_samples(stream, cfg.max_member_bytes):
+                    j = judge(sample, uri, cfg, tok)
+                    if j.members is not None:
+                        j.row["tar_offset"], j.row["tar_length"] = writer.write(sample.key, j.members)
+                    if j.image is not None and j.row["reason"] is not None:  # kept ones: in pass 2
+                        picker.offer(j.row["reason"], j.row["key"], sample.index, j.rgb)
+                    rows.append(j.row)
+        except ShardError as exc:
+            n_read = exc.samples_read  # type: ignore[attr-defined]
+            detail = f"shard {exc} after {n_read} complete sample(s)"
+            if cfg.on_bad_shard == "error":
+                raise UserError(f"{uri}: {detail}") from None
+            partial: Sample | None = exc.partial  # type: ignore[attr-defined]
+            if partial is not None:
+                row = judge(Sample(key=partial.key, index=partial.index), uri, cfg).row
+                row.update(reason="truncated_shard", detail=f"sample cut off: shard {exc}")
+                rows.append(row)
+            bad = {"shard": uri, "detail": detail}
+            log.warning("%s: %s", uri, detail)
+        writer.close()
+    os.replace(os.path.join(sdir, "kept.tar.part"), os.path.join(sdir, "kept.tar"))
+    _write_lines(os.path.join(sdir, "rows.jsonl"), rows)
+    storage.write_json(os.path.join(sdir, "thumbs.json"), {str(k): v for k, v in picker.thumbs.items()})
+    done = {"uri": uri, "identity": task["identity"], "fingerprint": task["fingerprint"],
+            "n": len(rows), "bad_shard": bad, "seconds": time.perf_counter() - t0}
+    storage.write_json(os.path.join(sdir, "done.json"), done)
+    return done
+
+
+def _write_lines(path: str, rows: list[dict[str, Any]]) -> None:
+    with storage.atomic_write(path) as f:
+        for r in rows:
+            f.write((json.dumps(r, default=str) + "\n").encode())
+
+
+def _read_lines(path: str) -> list[dict[str, Any]]:
+    with open(path, "rb") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------ pass 1 driver
+
+def _is_done(sdir: str, task: dict[str, Any]) -> bool:
+    try:
+        with open(os.path.join(sdir, "done.json")) as f:
+            done = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return all(done.get(k) == task[k] for k in ("uri", "identity", "fingerprint"))
+
+
+def _run_tasks(tasks: list[dict[str, Any]], workers: int) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), unit="shard", desc="filter", disable=None)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for t in tasks:
+                process_shard(t)
+                bar.update()
+            return
+        # fork: the parent is light (no torch), children need no re-import and no importable __main__
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        # a worker that dies breaks the whole pool (BrokenProcessPool, never a hang): report it once
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
+            pending = {pool.submit(process_shard, t) for t in tasks}
+            n_done = 0
+            try:
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        fut.result()  # re-raises a worker's error (e.g. a missing S3 object)
+                        n_done += 1
+                        bar.update()
+            except BrokenProcessPool:
+                raise WorkerDied(f"a filter worker process died (killed, or out of memory?) with "
+                                 f"{len(tasks) - n_done} shard(s) unfinished; the {n_done} finished are kept: "
+                                 f"rerun to resume (with fewer --workers if memory is short)") from None
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+    finally:
+        bar.close()
+
+
+# ------------------------------------------------------------------ pass 2
+
+class _ShardSink:
+    """Writes samples into numbered output shards of at most `size` samples (atomic per shard)."""
+
+    def __init__(self, out_dir: str, size: int):
+        self.out_dir, self.size = out_dir, size
+        self.names: list[str] = []
+        self._writer = None
+        self._file = None
+        self._count = 0
+
+    def write_raw(self, blob: bytes) -> None:
+        """Append one whole sample (its tar bytes, as written by TarSink in pass 1)."""
+        if self._writer is None:
+            name = f"shard-{len(self.names):06d}.tar"
+            self.names.append(name)
+            self._file = open(os.path.join(self.out_dir, name + ".part"), "wb")
+            self._writer = TarSink(self._file)
+        self._writer.copy_raw(blob)
+        self._count += 1
+        if self._count == self.size:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._file.close()
+            name = self.names[-1]
+            os.replace(os.path.join(self.out_dir, name + ".part"), os.path.join(self.out_dir, name))
+        self._writer, self._file, self._count = None, None, 0
+
+    def close(self) -> list[str]:
+        self._finish()
+        return self.names
+
+
+def _metrics(rows: list[dict[str, Any]], bad: list[dict[str, Any]], n_shards_in: int, n_shards_out: int,
+             tokenizer: bool) -> dict[str, Any]:
+    n_in = len(rows)
+    reasons = Counter(r["reason"] for r in rows if r["decision"] == "rejected")
+    n_kept = sum(r["decision"] == "kept" for r in rows)
+    dup = reasons["exact_duplicate"] + reasons["near_duplicate"]
+    dec = sum(reasons[r] for r in DECODE_REASONS)
+    converted = Counter(r["mode"] for r in rows if r["converted"] and r["decision"] == "kept")
+
+    def rate(k: int) -> float:
+        return round(k / n_in, 6) if n_in else 0.0
+
+    return {
+        "n_in": n_in, "n_kept": n_kept, "n_rejected": n_in - n_kept,
+        "reject_rate": rate(n_in - n_kept), "duplicate_rate": rate(dup), "decode_failure_rate": rate(dec),
+        "reasons": {r: reasons.get(r, 0) for r in REASONS},
+        "n_converted": sum(converted.values()), "converted_from": dict(sorted(converted.items())),
+        "n_shards_in": n_shards_in, "n_shards_out": n_shards_out,
+        "n_bad_shards": len(bad), "bad_shards": bad,
+        "tokenizer_checked": tokenizer,
+    }
+
+
+def _stats_frame(rows: list[dict[str, Any]]):
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=None if rows else list(EMPTY_ROW)).drop(columns=["tar_offset", "tar_length"],
+                                                                           errors="ignore")
+    for col in ("width", "height", "image_bytes", "caption_chars", "caption_tokens", "index"):
+        df[col] = df[col].astype("Int64")
+    df["aspect"] = df["aspect"].astype("Float64")
+    df["decode_failed"] = df["reason"].isin(DECODE_REASONS)
+    df["is_duplicate"] = df["reason"].isin(("exact_duplicate", "near_duplicate"))
+    return df
+
+
+def _default_work_dir(cfg: FilterConfig) -> str:
+    if cfg.work_dir:
+        return cfg.work_dir
+    if storage.is_s3(cfg.output):
+        import hashlib
+
+        digest = hashlib.sha256(cfg.output.encode()).hexdigest()[:16]
+        return os.path.join(os.path.expanduser("~/.cache/fusedit/filter"), digest)
+    return os.path.join(cfg.output, ".work")
+
+
+def _gate(result: FilterResult, cfg: FilterConfig) -> FilterResult:
+    if cfg.fail_on_quality and result.quality_success is False:
+        raise QualityGateError("data quality gate failed: " + "; ".join(result.failed_expectations))
+    return result
+
+
+def filter_shards(cfg: FilterConfig) -> FilterResult:
+    """Filter, dedupe and reshard `cfg.input` into `cfg.output`; see the module docstring."""
+    import hashlib
+
+    if not cfg.input or not cfg.output:
+        raise UserError("filter needs an input pattern and an output directory (--input, --output)")
+    storage.configure(**cfg.s3.model_dump())
+    inputs = storage.expand(cfg.input)
+    if not inputs:
+        raise UserError(f"no shards match {cfg.input!r}")
+    identities = [storage.stat(u) for u in inputs]  # a missing input fails here, naming it
+    run_fp = hashlib.sha256(json.dumps([cfg.run_fingerprint(), inputs, identities],
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    manifest_uri = storage.join(cfg.output, MANIFEST)
+    old_manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else None
+    if old_manifest and old_manifest.get("fingerprint") == run_fp:
+        log.info("%s already holds this exact result; nothing to do", cfg.output)
+        return _gate(FilterResult(**{**old_manifest["result"], "reused": True}), cfg)
+    if old_manifest is not None:
+        storage.remove(manifest_uri)  # from here on the old output no longer looks complete
+
+    work = _default_work_dir(cfg)
+    os.makedirs(work, exist_ok=True)
+    shard_fp = cfg.shard_fingerprint()
+    tasks = [{"uri": u, "identity": ident, "fingerprint": shard_fp, "dir": os.path.join(work, f"{i:06d}"),
+              "config": cfg.model_dump()} for i, (u, ident) in enumerate(zip(inputs, identities, strict=True))]
+    todo = [t for t in tasks if not _is_done(t["dir"], t)]
+    workers = min(cfg.workers or os.cpu_count() or 1, max(1, len(todo)))
+    if len(todo) < len(tasks):
+        log.info("resuming: %d of %d shards already done", len(tasks) - len(todo), len(tasks))
+    t0 = time.perf_counter()
+    _run_tasks(todo, workers)
+
+    rows: list[dict[str, Any]] = []
+    bad: list[dict[str, Any]] = []
+    thumbs: dict[tuple[str, int], str] = {}
+    for t in tasks:
+        rows += _read_lines(os.path.join(t["dir"], "rows.jsonl"))
+        with open(os.path.join(t["dir"], "done.json")) as f:
+            done = json.load(f)
+        if done["bad_shard"]:
+            bad.append(done["bad_shard"])
+        with open(os.path.join(t["dir"], "thumbs.json")) as f:
+            thumbs.update({(t["uri"], int(k)): v for k, v in json.load(f).items()})
+    originals = mark_duplicates(rows, cfg.dedupe_exact, cfg.dedupe_near, cfg.near_threshold)
+
+    stage = os.path.join(work, "publish")
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(os.path.join(stage, "shards"))
+    sink = _ShardSink(os.path.join(stage, "shards"), cfg.samples_per_shard)
+    by_shard: dict[str, list[tuple[int, int]]] = {}
+    for r in rows:
+        if r["decision"] == "kept":
+            by_shard.setdefault(r["shard"], []).append((r["tar_offset"], r["tar_length"]))
+    for t in tasks:  # copy the survivors' bytes; no re-parsing, no re-encoding
+        ranges = by_shard.get(t["uri"])
+        if not ranges:
+            continue
+        with open(os.path.join(t["dir"], "kept.tar"), "rb") as f:
+            for offset, length in ranges:
+                f.seek(offset)
+                sink.write_raw(f.read(length))
+    out_names = sink.close()
+    seconds = time.perf_counter() - t0
+
+    rejects = [{"key": r["key"], "shard": r["shard"], "index": r["index"], "reason": r["reason"],
+                "detail": r["detail"]} for r in rows if r["decision"] == "rejected"]
+    rejects += [{"key": None, "shard": b["shard"], "index": None, "reason": "bad_shard", "detail": b["detail"]}
+                for b in bad]
+    _write_lines(os.path.join(stage, "rejects.jsonl"), rejects)
+    stats = _stats_frame(rows)
+    stats.to_parquet(os.path.join(stage, "stats.parquet"), index=False)
+    metrics = _metrics(rows, bad, len(inputs), len(out_names), cfg.tokenizer is not None)
+    run = {"seconds": round(seconds, 3), "images_per_s": round(len(rows) / seconds, 1) if seconds > 0 else 0.0,
+           "workers": workers}
+    storage.write_json(os.path.join(stage, "timing.json"), run)
+
+    quality_success, failed = None, []
+    if cfg.report:
+        from fusedit.components.data.quality import run_quality
+
+        read = image_reader({t["uri"]: os.path.join(t["dir"], "kept.tar") for t in tasks}, cfg.max_member_bytes)
+        examples = pick_examples(rows, originals, thumbs, cfg, read)
+        q = run_quality(stats, metrics, cfg, os.path.join(stage, "report"), examples)
+        quality_success, failed = q.success, q.failed
+        metrics["quality"] = {"success": q.success, "failed": q.failed, "evaluated": q.evaluated}
+    storage.write_json(os.path.join(stage, "metrics.json"), metrics)
+
+    shard_uris = [storage.join(cfg.output, "shards", n) for n in out_names]
+    result = FilterResult(output=cfg.output, n_in=metrics["n_in"], n_kept=metrics["n_kept"],
+                          n_rejected=metrics["n_rejected"],
+                          reasons={k: v for k, v in metrics["reasons"].items() if v},
+                          shards=shard_uris, n_bad_shards=len(bad), quality_success=quality_success,
+                          failed_expectations=failed, metrics=metrics, run=run)
+    files = sorted(f for f in (os.path.relpath(p, stage) for p in storage.list_uris(stage))
+                   if not f.startswith(RUN_RECORDS))
+    if not storage.is_s3(cfg.output):
+        for sub in ("shards", "report"):
+            shutil.rmtree(os.path.join(cfg.output, sub), ignore_errors=True)
+    storage.publish(stage, cfg.output, MANIFEST, {"fingerprint": run_fp, "inputs": inputs,
+                                                   "files": files, "result": result.model_dump(exclude={"run"})})
+    if old_manifest and storage.is_s3(cfg.output):
+        for stale in set(old_manifest.get("files", [])) - set(files):
+            storage.remove(storage.join(cfg.output, stale))
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return _gate(result, cfg)
