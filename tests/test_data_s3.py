@@ -56,7 +56,8 @@ def test_filter_streams_from_s3_and_publishes_to_s3(s3, tmp_path, monkeypatch):
             "clean/shards/shard-000000.tar"} <= keys
     assert order[-1] == f"s3://{bucket}/clean/manifest.json"  # the manifest is published last
     manifest = json.loads(client.get_object(Bucket=bucket, Key="clean/manifest.json")["Body"].read())
-    assert {f"clean/{f}" for f in manifest["files"]} | {"clean/manifest.json"} == keys
+    # timing.json (how the run went) is published beside the outputs but is no output the manifest lists
+    assert {f"clean/{f}" for f in manifest["files"]} | {"clean/manifest.json", "clean/timing.json"} == keys
     local = tmp_path / "shard.tar"
     client.download_file(bucket, "clean/shards/shard-000000.tar", str(local))
     assert sum(1 for _ in wds.WebDataset(str(local), shardshuffle=False)) == result.n_kept
