@@ -30,10 +30,11 @@ ROWS = {  # label -> Stage fields
 }
 
 
-def steady_rate(loss_tsv: str, warmup: int) -> float:
-    """Images/s between the warm-up's last step and the last step, from loss.tsv's running rate."""
-    rows = [ln.split("\t") for ln in open(loss_tsv).read().splitlines()[1:]]
-    (s0, ips0), (s1, ips1) = [(int(r[0]), float(r[3])) for r in (rows[warmup - 1], rows[-1])]
+def steady_rate(timing_tsv: str, warmup: int) -> float:
+    """Images/s between the warm-up's last step and the last step, from timing.tsv's running rate (the
+    stage writes it beside loss.tsv, untracked: loss.tsv itself holds no wall-clock value)."""
+    rows = [ln.split("\t") for ln in open(timing_tsv).read().splitlines()[1:]]
+    (s0, ips0), (s1, ips1) = [(int(r[0]), float(r[1])) for r in (rows[warmup - 1], rows[-1])]
     # running rate = seen / elapsed with seen = step * batch: elapsed_s = step * batch / rate
     return (s1 - s0) / (s1 / ips1 - s0 / ips0)
 
@@ -68,7 +69,7 @@ def main() -> None:
                 yaml.safe_dump({"train": {"seed": 0, "stages": [stage]}}, f)
             out = os.path.join(root, "out", label.replace(" ", "-").replace(",", ""))
             r = train(recipe, "loop", cache, out, params)
-            results.append((label, steady_rate(os.path.join(out, "loss.tsv"), args.warmup), r.final_loss))
+            results.append((label, steady_rate(os.path.join(out, "timing.tsv"), args.warmup), r.final_loss))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"device {name}, recipe tiny, LLM {args.llm}, {args.resolution}px, batch {args.batch_size}, "
           f"{args.steps} steps ({args.warmup} warm-up), EMA every {args.ema_every}")

@@ -140,7 +140,7 @@ def _check_stage(out: Path) -> None:
             checkpoint._load_step(str(root), step)  # raises on a size/checksum mismatch
     if (out / "loss.tsv").exists():
         rows = (out / "loss.tsv").read_text().splitlines()
-        assert rows[0].startswith("step\t") and all(len(r.split("\t")) == 4 for r in rows[1:])
+        assert rows[0].startswith("step\t") and all(len(r.split("\t")) == 3 for r in rows[1:])
     if (out / "pipeline").exists():
         from fusedit.model.pipeline import FuseDiTPipeline
 

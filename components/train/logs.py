@@ -22,6 +22,7 @@ class TrainLogs:
         self.root = Path(".fusedit-logs") / stage if self.remote else Path(output)
         self.stage, self.d, self.enabled = stage, d, d.main
         self.rows: list[tuple] = []
+        self.rates: list[tuple[int, float]] = []  # (step, images/s so far) of this run: timing.tsv, untracked
         self.pending: list[tuple[int, torch.Tensor, float, float]] = []  # step, loss, lr, images/s
         self.last_loss = float("nan")
         self.tb = None
@@ -54,6 +55,7 @@ class TrainLogs:
                 raise RuntimeError(f"stage '{self.stage}': loss is {loss} at step {step}")
             if self.enabled:  # throughput goes to TensorBoard only: loss.tsv is DVC-tracked, so deterministic
                 self.rows.append((step, loss, lr))
+                self.rates.append((step, ips))
                 self.tb.add_scalar("train/loss", loss, step)
                 self.tb.add_scalar("train/lr", lr, step)
                 self.tb.add_scalar("train/images_per_s", ips, step)
@@ -69,6 +71,8 @@ class TrainLogs:
         """Write loss.tsv (and upload it); every rank must `settle` first (it may all-reduce)."""
         if self.enabled:
             _write_rows(self.root / "loss.tsv", self.rows)
+            (self.root / "timing.tsv").write_text("step\timages_per_s\n" + "".join(
+                f"{st}\t{ips:.2f}\n" for st, ips in self.rates))
             self.tb.flush()
             if self.remote:
                 storage.write_bytes(storage.join(self.remote, "loss.tsv"), (self.root / "loss.tsv").read_bytes())
