@@ -10,14 +10,9 @@ from typing import Any
 
 from fusedit.components.data.charts import svg_paired_histogram
 from fusedit.components.data.compare import Side, kept_values
+from fusedit.components.data.report import BASE_CSS
 
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
-h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
-.ok{color:#176f2c;font-weight:600}.bad{color:#b3261e;font-weight:600}
-tr.worse td.d{color:#b3261e}tr.better td.d{color:#176f2c}tr.violation{background:#fdecea}
+_CSS = BASE_CSS + """tr.worse td.d{color:#b3261e}tr.better td.d{color:#176f2c}tr.violation{background:#fdecea}
 tr.violation td.d{font-weight:700}.charts{display:flex;flex-wrap:wrap;gap:16px}
 """
 LABELS = {"n_in": "input samples", "n_kept": "kept", "n_rejected": "rejected", "n_bad_shards": "bad shards",

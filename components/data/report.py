@@ -14,13 +14,14 @@ from typing import Any
 from fusedit.components.data.charts import svg_category_bars, svg_histogram
 from fusedit.components.data.filter_config import FilterConfig
 
-_CSS = """
+BASE_CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
 .ok{color:#176f2c;font-weight:600}.bad{color:#b3261e;font-weight:600}
-.charts{display:flex;flex-wrap:wrap;gap:16px}.grid{display:flex;flex-wrap:wrap;gap:8px}
+"""  # the data pages' shared look (this report, `fusedit data compare`)
+_CSS = BASE_CSS + """.charts{display:flex;flex-wrap:wrap;gap:16px}.grid{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0;width:136px;font-size:11px;overflow-wrap:anywhere}
 figure img{max-width:128px;max-height:128px;display:block}
 figure.pair{width:272px}.pics{display:flex;gap:8px;align-items:flex-start}.side{width:128px}
