@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_workflow_kfp import _KFP
+from tests.test_workflow_kfp import _KFP, _tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 # what ablations/paper.yaml's suites read (geneval, dpg, fid with clean-fid's Inception), nothing else
@@ -40,14 +40,6 @@ def _spec(path: Path) -> dict:
 def _required(spec: dict) -> set[str]:
     params = spec["root"]["inputDefinitions"]["parameters"]
     return {k for k, v in params.items() if "defaultValue" not in v and not v.get("isOptional")}
-
-
-def _tasks(spec: dict) -> dict[str, dict]:
-    out = {}
-    for comp in [spec["root"], *spec["components"].values()]:
-        for t in comp.get("dag", {}).get("tasks", {}).values():
-            out[t["taskInfo"]["name"]] = t
-    return out
 
 
 def _submit(package: Path, tmp_path: Path, *params: str) -> tuple[subprocess.CompletedProcess, list]:
