@@ -33,13 +33,16 @@ def module_name(path: Path) -> str:
     raise AssertionError(path)
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
+def imports(path: Path, names: bool = False) -> list[tuple[int, str]]:
+    """(line, module) of every project import; with `names`, `from package import name` gives
+    package.name (the submodule it may be) instead of the package."""
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.append((node.lineno, node.module))
+            out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names] if names else \
+                [(node.lineno, node.module)]
     return [(line, m) for line, m in out if m == "fusedit" or m.startswith("fusedit.")]
 
 
@@ -77,14 +80,7 @@ def step_of(module: str, packages: dict[str, tuple[str, ...]]) -> str | None:
 
 
 def component_imports(path: Path) -> list[tuple[int, str]]:
-    """Like `imports`, but `from package import name` names the submodule (package.name) it may be."""
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
-    return [(line, m) for line, m in out if m.startswith(COMPONENTS + ".")]
+    return [(line, m) for line, m in imports(path, names=True) if m.startswith(COMPONENTS + ".")]
 
 
 def step_violations(files: list[Path]) -> list[str]:
