@@ -3,34 +3,32 @@
 directory), then one comparison step over the `dsl.Collected` results that calls the same report function as
 `fusedit ablate report` and publishes it as HTML and Markdown.
 
-The components are the workflow's own (pipelines/{data,cache,train,evaluate}.py and `tiny_op`), placed by the
-same helpers as `pipelines/workflow.py`. Compile-time: the spec (its runs are the default of the `runs`
-parameter), the stage list, the parallelism. Run parameters: the data source, `output_root` (where each run's
-stages and evaluation land: <output_root>/<run>/...), the accelerators per run, node selector, tolerations and
-the inputs of the evaluation suites (required when a suite of the spec has none: pipelines/eval_inputs.py).
+The components are the workflow's own (components/{data,cache,train,evaluate}/component.py and `tiny_op`),
+placed by the same helpers as `pipelines/workflow.py` (pipelines/placement.py). Compile-time: the spec (its
+runs are the default of the `runs` parameter), the stage list, the parallelism. Run parameters: the data source,
+`output_root` (where each run's stages and evaluation land: <output_root>/<run>/...), the accelerators per run,
+node selector, tolerations and the inputs of the evaluation suites (required when a suite of the spec has none:
+pipelines/eval_inputs.py).
 """
 from pathlib import Path
 from typing import List  # noqa: UP035 - KFP reads the annotation
 
 import yaml
-from kfp import dsl, kubernetes
+from kfp import dsl
 from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Model, Output
 
 from fusedit.components.ablate.driver import run_record
 from fusedit.components.ablate.spec import Spec, apply_params, runs
+from fusedit.components.cache.component import cache_op
+from fusedit.components.data.component import filter_op
+from fusedit.components.evaluate.component import evaluate_op
+from fusedit.components.shared.image import IMAGE
 from fusedit.components.train.config import TrainParams
-from fusedit.pipelines.cache import cache_op
-from fusedit.pipelines.data import filter_op
 from fusedit.pipelines.eval_inputs import with_inputs
-from fusedit.pipelines.evaluate import evaluate_op
-from fusedit.pipelines.image import IMAGE
+from fusedit.pipelines.placement import GPU_NODE_SELECTOR, GPU_TOLERATIONS, place, shm
 from fusedit.pipelines.workflow import (
-    GPU,
-    GPU_NODE_SELECTOR,
-    GPU_TOLERATIONS,
     Options,
     _common,
-    _on_pool,
     _shards,
     _text,
     _texts,
@@ -117,9 +115,9 @@ def compare_op(results: Input[List[Artifact]], report: Output[HTML], summary: Ou
     import tempfile
     from pathlib import Path
 
-    from fusedit.components.ablate.report import write_report
+    from fusedit.components.ablate.report import write_ablation_report
 
-    files = write_report([Path(r.path) for r in results], Path(tempfile.mkdtemp(prefix="fusedit-ablation-")))
+    files = write_ablation_report([Path(r.path) for r in results], Path(tempfile.mkdtemp(prefix="fusedit-ablation-")))
     shutil.copyfile(files["html"], report.path)
     shutil.copyfile(files["markdown"], summary.path)
     shutil.copyfile(files["json"], ablation.path)
@@ -159,7 +157,7 @@ def build_ablation(spec: Spec, opts: Options | None = None, parallelism: int = 4
         shards = _shards(opts, source_uri, data_version, samples, seed, shard_size, bad_fraction)
         filtered = _common(filter_op(shards=shards, config_yaml=filter_config, data_version=data_version),
                            opts, opts.image, opts.step_timeout_s, "filter").set_display_name("filter")
-        kubernetes.empty_dir_mount(filtered, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        shm(filtered)
         with dsl.ParallelFor(runs, parallelism=parallelism, name="variants") as run:
             root = _common(run_paths_op(root=output_root, run=run.run), opts, opts.image, opts.step_timeout_s,
                            "paths", secret=False).set_display_name("run-root")
@@ -169,7 +167,7 @@ def build_ablation(spec: Spec, opts: Options | None = None, parallelism: int = 4
             cache = _common(cache_op(filtered=filtered.outputs["filtered"], recipe=run.recipe, overrides=sets,
                                      dtype=cache_dtype, data_version=data_version), opts, opts.image,
                             opts.step_timeout_s, "cache").set_display_name("cache")
-            _on_pool(cache, GPU, 1, node_selector, tolerations)
+            place(cache, 1, node_selector, tolerations)
             train_root = _common(run_paths_op(root=root.output, run="train"), opts, opts.image, opts.step_timeout_s,
                                  "paths", secret=False).set_display_name("stages-root")
             eval_uri = _common(run_paths_op(root=root.output, run="eval"), opts, opts.image, opts.step_timeout_s,
@@ -181,7 +179,7 @@ def build_ablation(spec: Spec, opts: Options | None = None, parallelism: int = 4
             ev = _common(evaluate_op(pipeline=trained[eval_stage].outputs["model"], config_yaml=eval_config,
                                      suites=eval_suites, output_uri=eval_uri.output, **eval_inputs), opts,
                          opts.image, opts.step_timeout_s, "evaluate").set_display_name("evaluate")
-            _on_pool(ev, GPU, 1, node_selector, tolerations)
+            place(ev, 1, node_selector, tolerations)
             result = _common(run_result_op(run=run, stages=[s.name for s in stages],
                                            eval_metrics=ev.outputs["metrics"],
                                            final=trained[eval_stage].outputs["model"], run_root=root.output,

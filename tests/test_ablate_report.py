@@ -75,13 +75,13 @@ GRID = {("deep", 1): ([True, True, False, True], 0.100), ("deep", 2): ([True, Fa
 
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory):
-    from fusedit.components.ablate.report import write_report
+    from fusedit.components.ablate.report import write_ablation_report
 
     runs = tmp_path_factory.mktemp("runs")
     for (variant, seed), (verdicts, final_loss) in GRID.items():
         make_run(runs, variant, seed, verdicts, final_loss)
     out = runs.parent / "report"
-    files = write_report([runs], out)
+    files = write_ablation_report([runs], out)
     return runs, files, json.loads(files["json"].read_text())
 
 

@@ -152,7 +152,7 @@ def test_ema_update_is_the_lerp_and_lives_where_memory_allows(monkeypatch):
     from types import SimpleNamespace
 
     from fusedit.components.train.config import Stage
-    from fusedit.components.train.loop import EMA, _ema_on_device
+    from fusedit.components.train.ema import EMA, ema_on_device
 
     g = torch.Generator().manual_seed(0)
     w0 = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
@@ -175,12 +175,12 @@ def test_ema_update_is_the_lerp_and_lives_where_memory_allows(monkeypatch):
 
     def where(peak_gib: float, **stage) -> bool:
         monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda _d: int(peak_gib * gib))
-        return _ema_on_device(Stage(name="s", steps=1, **stage), cuda, big)
+        return ema_on_device(Stage(name="s", steps=1, **stage), cuda, big)
 
     assert where(70) and not where(77)  # 10 GiB left holds 2 GiB + 2 spare; 3 GiB does not
     assert not where(10, ema_device="host") and where(79, ema_device="device")
-    assert not _ema_on_device(Stage(name="s", steps=1), distributed.Dist(0, 2, torch.device("cuda", 0), "fsdp"), big)
-    assert not _ema_on_device(Stage(name="s", steps=1, ema_device="device"),
+    assert not ema_on_device(Stage(name="s", steps=1), distributed.Dist(0, 2, torch.device("cuda", 0), "fsdp"), big)
+    assert not ema_on_device(Stage(name="s", steps=1, ema_device="device"),
                               distributed.Dist(0, 1, torch.device("cpu"), "single"), big)
 
 

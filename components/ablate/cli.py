@@ -58,7 +58,7 @@ def run(
 
 def _collect_and_report(s, repo: Path, out: Path, report: bool) -> None:
     from fusedit.components.ablate.driver import collect
-    from fusedit.components.ablate.report import write_report
+    from fusedit.components.ablate.report import write_ablation_report
     from fusedit.errors import UserError
 
     status = collect(s, repo, out)
@@ -68,7 +68,7 @@ def _collect_and_report(s, repo: Path, out: Path, report: bool) -> None:
         done = [out / n for n, st in status.items() if st.startswith("collected")]
         if not done:
             raise UserError(f"no run of '{s.name}' finished (see the statuses above)")
-        files = write_report(done, out / "report")
+        files = write_ablation_report(done, out / "report")
         typer.echo(f"report: {files['html']}")
 
 
@@ -89,7 +89,7 @@ def report_cmd(
     out: Path = typer.Option(..., help="directory for index.html, report.md and ablation.json"),
 ) -> None:
     """One HTML report (and Markdown, ablation.json) comparing every variant against the reference."""
-    from fusedit.components.ablate.report import write_report
+    from fusedit.components.ablate.report import write_ablation_report
 
-    files = write_report(runs, out)
+    files = write_ablation_report(runs, out)
     typer.echo(f"wrote {files['html']}, {files['markdown']}, {files['json']}")

@@ -342,7 +342,7 @@ def html_page(doc: dict) -> str:
             f"<style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>")
 
 
-def write_report(paths: list[Path], out: Path) -> dict[str, Path]:
+def write_ablation_report(paths: list[Path], out: Path) -> dict[str, Path]:
     """index.html (self-contained), report.md and ablation.json for the runs under `paths`."""
     doc = summarize_runs(find_runs(paths))
     out.mkdir(parents=True, exist_ok=True)

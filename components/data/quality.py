@@ -121,9 +121,9 @@ def validate(stats: Any, cfg: FilterConfig, report_dir: str) -> QualityResult:
 def run_quality(stats: Any, metrics: dict[str, Any], cfg: FilterConfig, report_dir: str,
                 examples: dict[str, Any]) -> QualityResult:
     """Validate, then always write report/index.html (also when the suite fails)."""
-    from fusedit.components.data.report import write_report
+    from fusedit.components.data.report import write_quality_report
 
     os.makedirs(report_dir, exist_ok=True)
     result = validate(stats, cfg, report_dir)
-    write_report(os.path.join(report_dir, "index.html"), metrics, stats, examples, result, cfg)
+    write_quality_report(os.path.join(report_dir, "index.html"), metrics, stats, examples, result, cfg)
     return result

@@ -118,7 +118,7 @@ def _checks(quality: Any) -> str:
         for c in quality.checks)
 
 
-def write_report(path: str, metrics: dict[str, Any], stats: Any, examples: dict[str, Any],
+def write_quality_report(path: str, metrics: dict[str, Any], stats: Any, examples: dict[str, Any],
                  quality: Any, cfg: FilterConfig) -> None:
     """Write report/index.html from the run's metrics, stats frame, examples (`examples.pick_examples`)
     and quality result."""

@@ -131,8 +131,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     result.metrics["prompt_following"] = following.measure(sampler, result.prompts, config.seed)
     result.seconds = round(time.time() - t0, 2)
     storage.write_json(str(root / "metrics.json"), result.metrics)
-    from fusedit.components.evaluate.evals.report import write_report
+    from fusedit.components.evaluate.evals.report import write_eval_report
 
-    result.report = write_report(root, result.metrics, scored, settings | {
+    result.report = write_eval_report(root, result.metrics, scored, settings | {
         "pipeline_path": config.pipeline, "seed": config.seed, "prompts_sha256": digests})
     return result

@@ -81,7 +81,7 @@ def fsdp_spec(shape: tuple[int, ...], n: int) -> tuple[str | None, ...] | None:
 def shard(model: nn.Module) -> dict[str, tuple[str | None, ...]]:
     """Annotate the DiT's parameters (FSDP over the mesh); return {parameter name: partition spec}.
 
-    `model` is the trainer's Denoiser (its `dit` is sharded), or a bare module (all of it is).
+    `model` is the trainer's TrainedModule (its `dit` is sharded), or a bare module (all of it is).
     """
     x = _xla()
     m = mesh()

@@ -38,7 +38,7 @@ def markdown_table(runs: dict[str, dict[str, float]]) -> str:
     return head + "".join(f"| {k} | " + " | ".join(_fmt(m.get(k)) for m in runs.values()) + " |\n" for k in keys)
 
 
-def write_report(root: Path, metrics: dict[str, Any], results: dict[str, Any], settings: dict[str, Any]) -> Path:
+def write_eval_report(root: Path, metrics: dict[str, Any], results: dict[str, Any], settings: dict[str, Any]) -> Path:
     """report/index.html with the numbers, per-category bars and a sample grid per prompt category."""
     rep = root / "report"
     if rep.exists():
