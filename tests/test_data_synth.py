@@ -85,16 +85,19 @@ def test_draw_scene_renders_at_any_size():
 @pytest.mark.parametrize(("width", "height"), [(32, 32), (320, 240), (200, 300)])
 def test_objects_keep_their_distance_and_stay_inside(width, height):
     """Every pair of object boxes is separated by at least 5% of the short side along some axis (so no two
-    shapes touch and the judge's blobs are the objects), and every box lies inside the canvas."""
+    shapes touch and the judge's blobs are the objects), and every box lies inside the centred square of the
+    short side (so the cache's centre crop keeps every object the caption names, at any aspect ratio)."""
     rng = random.Random(f"gap-{width}x{height}")
     short = min(width, height)
+    x0, y0 = (width - short) / 2, (height - short) / 2
     for _ in range(300):
         scene = scenes.sample_scene(rng, width, height)
         boxes = []
         for o in scene["objects"]:
             r = o["radius"] * short
             cx, cy = o["center"][0] * width, o["center"][1] * height
-            assert -0.5 <= cx - r and cx + r <= width + 0.5 and -0.5 <= cy - r and cy + r <= height + 0.5
+            assert x0 - 0.5 <= cx - r and cx + r <= x0 + short + 0.5
+            assert y0 - 0.5 <= cy - r and cy + r <= y0 + short + 0.5
             boxes.append((cx - r, cy - r, cx + r, cy + r))
         for i, a in enumerate(boxes):
             for b in boxes[i + 1:]:

@@ -92,8 +92,10 @@ def _layout(rng: random.Random, groups: list[dict[str, Any]], relation: str | No
 def sample_scene(rng: random.Random, width: int, height: int) -> dict[str, Any]:
     """A full scene: groups, relation, background and every object's position (JSON-serialisable).
 
-    Invariant: no two objects' bounding boxes come closer than GAP (of the short side), so every object
-    is its own connected blob; a layout without room is redrawn (new radius and positions), never forced.
+    Invariants: every object lies inside the centred square of the canvas's short side, so the resize-and-
+    centre-crop the feature cache applies keeps every object of the caption whole, at any aspect ratio;
+    no two objects' bounding boxes come closer than GAP (of the short side), so every object is its own
+    connected blob; a layout without room is redrawn (new radius and positions), never forced.
     """
     groups, relation = sample_groups(rng)
     shade = rng.randint(195, 225)
@@ -102,18 +104,19 @@ def sample_scene(rng: random.Random, width: int, height: int) -> dict[str, Any]:
     short = min(width, height)
     n_objects = sum(g["count"] for g in groups)
     layout = None
-    while layout is None:
+    while layout is None:  # in the centred square's own relative coordinates
         radius = rng.uniform(*RADIUS[n_objects])
-        rx, ry = radius * short / width, radius * short / height
-        layout = _layout(rng, groups, relation, rx, ry, GAP * short / width, GAP * short / height)
+        layout = _layout(rng, groups, relation, radius, radius, GAP, GAP)
+    off_x, off_y = (width - short) / 2, (height - short) / 2
     objects = []
     for gi, (group, centres) in enumerate(zip(groups, layout, strict=True)):
-        for cx, cy in centres:
+        for sx, sy in centres:
             r_px = radius * short
-            px, py = cx * width, cy * height
+            px, py = off_x + sx * short, off_y + sy * short
             objects.append({
                 "group": gi, "color": group["color"], "rgb": list(COLORS[group["color"]]),
-                "shape": group["shape"], "center": [round(cx, 4), round(cy, 4)], "radius": round(radius, 4),
+                "shape": group["shape"], "center": [round(px / width, 4), round(py / height, 4)],
+                "radius": round(radius, 4),
                 "bbox": [round(px - r_px), round(py - r_px), round(px + r_px), round(py + r_px)],
                 "angle": rng.choice([0, 12, 24]) if group["shape"] == "star" else 0,
             })
