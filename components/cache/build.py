@@ -198,6 +198,61 @@ def _clean_partials(output: str) -> None:
                 os.unlink(os.path.join(d, name))
 
 
+def _reusable(old: dict | None, digest: str, inputs: list[list]) -> bool:
+    return bool(old) and old.get("digest") == digest and old.get("inputs") == inputs
+
+
+def _project(recipe: Recipe, input: str, shards: list[str], caption: str, dtype: str, max_bytes: int | None,
+             echo: Callable[[str], None]) -> tuple[int, dict[str, float]]:
+    """(samples in the input, estimated bytes per sample); refuses a cache over max_bytes before writing."""
+    total = sum(count_samples(u) for u in shards)
+    if total == 0:
+        raise UserError(f"input {input!r} holds no samples ({len(shards)} empty shard(s))")
+    est = _estimate(recipe, shards, caption, dtype)
+    projected = est["total"] * total
+    echo(f"cache: {human(est['total'])}/sample (image {human(est['image'])}, text {human(est['text'])}, "
+         f"{human(est['per_token'])}/token, {dtype}) x {total} samples = projected {human(projected)}")
+    if max_bytes is not None and projected > max_bytes:
+        raise UserError(f"projected cache size {human(projected)} ({projected:.0f} bytes: {human(est['total'])}"
+                        f"/sample x {total} samples) exceeds --max-bytes {human(max_bytes)}; nothing written")
+    return total, est
+
+
+def _encode_shards(enc: _Encoders, shards: list[str], identities: list, output: str, digest: str, caption: str,
+                   bar, echo: Callable[[str], None]) -> tuple[list[dict[str, Any]], int, int]:
+    """Encode every input shard whose done-marker is missing or stale: (records, shards reused, samples reused)."""
+    records, reused, done_before = [], 0, 0
+    for i, (uri, ident) in enumerate(zip(shards, identities, strict=True)):
+        name = f"shards/shard-{i:06d}"
+        tar_uri, done_uri = storage.join(output, name + ".tar"), storage.join(output, name + ".json")
+        want = {"input": uri, "identity": ident, "digest": digest}
+        rec = storage.read_json(done_uri) if storage.exists(done_uri) else None
+        if rec and all(rec.get(k) == v for k, v in want.items()) and storage.exists(tar_uri):
+            reused += 1
+            done_before += rec["n"]
+            bar.update(rec["n"])
+        else:
+            rec = {**want, "name": name + ".tar",
+                   **_write_shard(enc, uri, tar_uri, caption, 8 * enc.batch_size, bar.update)}
+            storage.write_json(done_uri, rec)  # after the shard: a marker means a complete shard
+        records.append(rec)
+        echo(f"cache: shard {i + 1}/{len(shards)} done ({rec['n']} samples)")
+    return records, reused, done_before
+
+
+def _manifest(recipe: Recipe, fp: dict[str, Any], digest: str, dtype: str, inputs: list[list],
+              records: list[dict[str, Any]], est: dict[str, float], enc: _Encoders) -> dict[str, Any]:
+    n = sum(r["n"] for r in records)
+    n_bytes = sum(r["bytes"] for r in records)
+    return {
+        "kind": KIND, "digest": digest, "fingerprint": fp, "dtype": dtype, "sources": sources(recipe),
+        "inputs": inputs, "shards": [{"name": r["name"], "n": r["n"], "bytes": r["bytes"]} for r in records],
+        "uncond": UNCOND, "n_samples": n, "bytes": n_bytes, "bytes_per_sample": n_bytes / n,
+        "estimated_bytes_per_sample": est["total"], "mean_tokens": sum(r["tokens"] for r in records) / n,
+        "latent_shift": enc.image.shift, "latent_scale": enc.image.scale, "pixel_space": enc.image.vae is None,
+    }
+
+
 def build_cache(input: str, output: str, recipe: Recipe | str, overrides: list[str] | None = None,
                 dtype: str = "bf16", max_bytes: int | None = None, batch_size: int = 32,
                 device: str | None = None, caption: str = "synthetic_caption",
@@ -219,69 +274,32 @@ def build_cache(input: str, output: str, recipe: Recipe | str, overrides: list[s
     fp = fingerprint(recipe)  # a missing LLM/tokenizer/VAE fails here, before anything is written
     digest = fingerprint_digest(fp, dtype)
     identities = [storage.stat(u) for u in shards]
+    inputs = [[u, i] for u, i in zip(shards, identities, strict=True)]
     manifest_uri = storage.join(output, MANIFEST)
     old = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else None
-    if old and old.get("digest") == digest and old.get("inputs") == [[u, i] for u, i in zip(
-            shards, identities, strict=True)]:
+    if _reusable(old, digest, inputs):
         echo(f"cache: {output} already holds this cache; nothing to do")
         return BuildResult(output=output, n_samples=old["n_samples"], n_shards=len(old["shards"]),
                            bytes=old["bytes"], bytes_per_sample=old["bytes_per_sample"], reused=True)
-
-    counts = [count_samples(u) for u in shards]
-    total = sum(counts)
-    if total == 0:
-        raise UserError(f"input {input!r} holds no samples ({len(shards)} empty shard(s))")
-    est = _estimate(recipe, shards, caption, dtype)
-    projected = est["total"] * total
-    echo(f"cache: {human(est['total'])}/sample (image {human(est['image'])}, text {human(est['text'])}, "
-         f"{human(est['per_token'])}/token, {dtype}) x {total} samples = projected {human(projected)}")
-    if max_bytes is not None and projected > max_bytes:
-        raise UserError(f"projected cache size {human(projected)} ({projected:.0f} bytes: {human(est['total'])}"
-                        f"/sample x {total} samples) exceeds --max-bytes {human(max_bytes)}; nothing written")
+    total, est = _project(recipe, input, shards, caption, dtype, max_bytes, echo)
     if old is not None:
         storage.remove(manifest_uri)  # from here on the old cache no longer looks complete
     _clean_partials(output)
 
-    dev = pick_device(device)
-    enc = _Encoders(recipe, dev, DTYPES[dtype], batch_size)
+    enc = _Encoders(recipe, pick_device(device), DTYPES[dtype], batch_size)
     storage.write_bytes(storage.join(output, UNCOND), save(enc.texts([""])[0]))
-    t0, done_before = time.perf_counter(), 0
-    records, reused = [], 0
+    t0 = time.perf_counter()
     bar = tqdm(total=total, unit="sample", desc="cache", disable=None if progress is None else not progress,
                dynamic_ncols=True, file=sys.stderr)
     try:
-        for i, (uri, ident) in enumerate(zip(shards, identities, strict=True)):
-            name = f"shards/shard-{i:06d}"
-            tar_uri, done_uri = storage.join(output, name + ".tar"), storage.join(output, name + ".json")
-            want = {"input": uri, "identity": ident, "digest": digest}
-            rec = storage.read_json(done_uri) if storage.exists(done_uri) else None
-            if rec and all(rec.get(k) == v for k, v in want.items()) and storage.exists(tar_uri):
-                reused += 1
-                done_before += rec["n"]
-                bar.update(rec["n"])
-            else:
-                rec = {**want, "name": name + ".tar",
-                       **_write_shard(enc, uri, tar_uri, caption, 8 * batch_size, bar.update)}
-                storage.write_json(done_uri, rec)  # after the shard: a marker means a complete shard
-            records.append(rec)
-            echo(f"cache: shard {i + 1}/{len(shards)} done ({rec['n']} samples)")
+        records, reused, done_before = _encode_shards(enc, shards, identities, output, digest, caption, bar, echo)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    n_bytes = sum(r["bytes"] for r in records)
-    n = sum(r["n"] for r in records)
-    built = n - done_before
-    manifest = {
-        "kind": KIND, "digest": digest, "fingerprint": fp, "dtype": dtype, "sources": sources(recipe),
-        "inputs": [[u, i] for u, i in zip(shards, identities, strict=True)],
-        "shards": [{"name": r["name"], "n": r["n"], "bytes": r["bytes"]} for r in records],
-        "uncond": UNCOND, "n_samples": n, "bytes": n_bytes, "bytes_per_sample": n_bytes / n,
-        "estimated_bytes_per_sample": est["total"], "mean_tokens": sum(r["tokens"] for r in records) / n,
-        "latent_shift": enc.image.shift, "latent_scale": enc.image.scale,
-        "pixel_space": enc.image.vae is None,
-    }
+    manifest = _manifest(recipe, fp, digest, dtype, inputs, records, est, enc)
     storage.write_json(manifest_uri, manifest)
-    rate = built / seconds if seconds > 0 else 0.0
+    n, n_bytes = manifest["n_samples"], manifest["bytes"]
+    rate = (n - done_before) / seconds if seconds > 0 else 0.0
     echo(f"cache: {n} samples in {len(records)} shards ({reused} reused), {human(n_bytes)} "
          f"({human(n_bytes / n)}/sample), {rate:.1f} samples/s -> {output}")
     return BuildResult(output=output, n_samples=n, n_shards=len(records), shards_reused=reused, bytes=n_bytes,
