@@ -79,17 +79,25 @@ def compare(
     section: str = typer.Option(None, "--section", help="dotted section of --config, e.g. data.compare"),
     gate: bool = typer.Option(True, "--gate/--no-gate", help="exit 1 when the gate is crossed"),
     endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3 endpoint (else env / AWS default)"),
+    from_config: bool = typer.Option(False, "--from-config", help="OLD is the config's `baseline` (or "
+                                     "data/filtered at `baseline_rev`); with neither, write a note and exit 0"),
 ) -> None:
     """What changed from OLD to NEW filtered data: counts, reject rates per reason, distribution shifts and
     expectation results; exits 1 when the configured gate is crossed (after writing the reports)."""
-    from fusedit.components.shared import storage
-    from fusedit.components.data.compare_report import write_compare
     from fusedit.components.data.compare import compare as run_compare
     from fusedit.components.data.compare import load_compare_config, load_side
+    from fusedit.components.data.compare_report import write_compare, write_no_baseline
+    from fusedit.components.shared import storage
 
     cfg = load_compare_config(config, section)
     if endpoint_url:
         storage.configure(endpoint_url=endpoint_url)
+    if from_config:
+        if not (cfg.baseline or cfg.baseline_rev):
+            path = write_no_baseline(out, f"{config}:{section}" if section else str(config))
+            typer.echo(f"no baseline configured: nothing to compare ({path})")
+            return
+        old, rev = cfg.baseline or "data/filtered", cfg.baseline_rev
     old_side, new_side = load_side(old, rev, repo), load_side(new, new_rev, repo)
     diff = run_compare(old_side, new_side, cfg)
     files = write_compare(diff, old_side, new_side, out)

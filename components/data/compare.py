@@ -46,6 +46,10 @@ class CompareConfig(BaseModel):
     ks_alpha: float = Field(0.001, gt=0, lt=1)  # significance of the KS critical value
     ks_min_effect: float = Field(0.1, ge=0, le=1)  # and the smallest D that counts as a shift
     gate: CompareGate = CompareGate()
+    # what the DVC stage (`fusedit data compare --from-config`) compares data/filtered against: the filter
+    # output the last model was trained on, as a path / s3:// prefix, or data/filtered at a git revision
+    baseline: str | None = None
+    baseline_rev: str | None = None
 
 
 def load_compare_config(path: str | None = None, section: str | None = None) -> CompareConfig:

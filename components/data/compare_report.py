@@ -142,3 +142,19 @@ def write_compare(diff: dict[str, Any], old: Side, new: Side, out_dir: str) -> d
         with open(path, "w", encoding="utf-8") as f:
             f.write(texts[kind])
     return files
+
+
+def write_no_baseline(out_dir: str, where: str) -> str:
+    """The DVC stage's output when no baseline is configured: the same three files, saying so (gate passed)."""
+    note = (f"No baseline configured ({where}: `baseline` or `baseline_rev`): nothing to compare. Set one to "
+            "the filter output the last model was trained on to see what changed and gate on it.")
+    os.makedirs(out_dir, exist_ok=True)
+    texts = {"compare.json": json.dumps({"baseline": None, "note": note,
+                                         "gate": {"passed": True, "violations": []}}, indent=2) + "\n",
+             "compare.md": f"## Data compare\n\n{note}\n",
+             "index.html": ("<!doctype html><meta charset='utf-8'><title>Data compare</title>"
+                            f"<p>{html.escape(note)}</p>\n")}
+    for name, text in texts.items():
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    return os.path.join(out_dir, "compare.md")
