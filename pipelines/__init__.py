@@ -1,1 +1,2 @@
-"""Kubeflow Pipelines drivers: thin components over fusedit.components."""
+"""Kubeflow Pipelines wiring: pipelines over the step components (components/<step>/component.py), their
+placement on the cluster, compile and submit."""

@@ -15,7 +15,7 @@ def compile_cmd(
     parallelism: int = typer.Option(4, min=1, help="variants trained at the same time"),
     params: Path = typer.Option(Path("params.yaml"), help="stage list and defaults"),
     image: str = typer.Option(None, help="image for every step, name:tag or name@sha256:digest "
-                                         "(default: fusedit.pipelines.image.IMAGE)"),
+                                         "(default: fusedit.components.shared.image.IMAGE)"),
     secret: str = typer.Option("fusedit-storage", help="Kubernetes Secret holding the storage credentials"),
     resources: list[str] = typer.Option([], help="STEP=CPU,MEMORY requests over pipelines/resources.py's "
                                                  "defaults, e.g. train=16,128Gi (repeatable)"),

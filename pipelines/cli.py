@@ -45,7 +45,7 @@ def compile_(
     out: Path = typer.Option(..., help="where to write the compiled pipeline YAML"),
     variant: str = typer.Option("gpu", help="gpu or tpu (training steps on a TPU slice, torch-xla trainer)"),
     image: str = typer.Option(None, help="image for every step, name:tag or name@sha256:digest "
-                                         "(default: fusedit.pipelines.image.IMAGE)"),
+                                         "(default: fusedit.components.shared.image.IMAGE)"),
     tpu_image: str = typer.Option(None, help="image for the TPU training steps (default: image.TPU_IMAGE)"),
     params: Path = typer.Option(Path("params.yaml"), help="stage list and run-parameter defaults"),
     secret: str = typer.Option("fusedit-storage", help="Kubernetes Secret holding the storage credentials"),

@@ -4,16 +4,14 @@ A suite that lacks its input stops the evaluation step, which on the cluster run
 So each input is a run parameter of its own (default: the eval config's value, else ""), the inputs of the
 compiled suites that have no value are *required* run parameters, and `check` refuses, at compile and at
 submit time, a suite whose input is empty or a path on the submitting machine, in one line naming the suite,
-the input and the `--param` that passes it. In the pod, `pod_fields` puts the values into the evaluation's
-config and fetches the Inception weights (the fid suite reads a local file) from s3:// or http(s)://.
-
-Kept free of kfp imports: the evaluation component imports it in its pod.
+the input and the `--param` that passes it. In the pod, `pod_fields` (components/evaluate/pod_inputs.py) puts
+the values into the evaluation's config and fetches the Inception weights (the fid suite reads a local file)
+from s3:// or http(s)://.
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 
 from fusedit.errors import UserError
 
@@ -146,36 +144,6 @@ def check(params: dict, arguments: dict, at_submit: bool) -> list[str]:
         if reason:
             raise UserError(reason)
     return later
-
-
-def pod_fields(fields: dict, values: dict[str, str], workdir: str) -> dict:
-    """The evaluation config `fields` with the run parameters' non-empty values on top; Inception weights given
-    as s3:// or http(s):// are fetched into `workdir` (the fid suite loads them from a local file)."""
-    out = dict(fields)
-    for name, value in values.items():
-        if value:
-            out[name] = value
-    weights = out.get("fid_weights")
-    if isinstance(weights, str) and weights.startswith(("s3://", "https://", "http://")):
-        out["fid_weights"] = _fetch(weights, Path(workdir))
-    return out
-
-
-def _fetch(uri: str, workdir: Path) -> str:
-    import shutil
-    import urllib.request
-
-    from fusedit.components.shared import storage
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    target = workdir / (uri.rstrip("/").rsplit("/", 1)[-1] or "weights")
-    try:
-        with (storage.open_read(uri) if storage.is_s3(uri) else urllib.request.urlopen(uri, timeout=120)) as src, \
-                open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except OSError as exc:
-        raise UserError(f"fid_weights {uri}: cannot fetch ({exc})") from None
-    return str(target)
 
 
 def check_package(path: str) -> list[str]:

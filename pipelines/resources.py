@@ -5,7 +5,7 @@ scheduler places it on a node that has them and a neighbour cannot squeeze it ou
 below fit the nodes of the overlays (an a3-highgpu / p5 GPU node, a TPU v5e / v5p host); `--resources
 STEP=CPU,MEMORY` at compile time overrides a step (either part may be left empty to keep its default).
 
-Kept free of kfp imports, like train_task.py.
+Kept free of kfp imports, like components/train/task.py.
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """The whole workflow as ONE KFP v2 pipeline: the DVC DAG (synth -> filter -> tiny -> cache -> train -> evaluate).
 
-Every step is the component its own module defines (data, cache, train, evaluate); this module only wires them
-and places them on the cluster. What is fixed when compiling: the variant (`gpu` or `tpu`), the images (a tag or
-a digest), the stage list (the DAG's shape), each step's CPU and memory requests (pipelines/resources.py) and
-the defaults read from params.yaml. What is a run parameter: the recipe, the data source and its
-`data_version`, the params YAML texts, accelerator count, node selector, tolerations and the inputs of the
-evaluation suites (pipelines/eval_inputs.py: required when a compiled suite has none).
+Every step is the component its own step folder defines (components/<step>/component.py: data, cache, train,
+evaluate); this module only wires them and places them on the cluster (pipelines/placement.py). What is fixed
+when compiling: the variant (`gpu` or `tpu`), the images (a tag or a digest), the stage list (the DAG's shape),
+each step's CPU and memory requests (pipelines/resources.py) and the defaults read from params.yaml. What is a
+run parameter: the recipe, the data source and its `data_version`, the params YAML texts, accelerator count,
+node selector, tolerations and the inputs of the evaluation suites (pipelines/eval_inputs.py: required when a
+compiled suite has none).
 
 `data_version` (a DVC rev or a shard-manifest hash) goes into every data-reading task's inputs, so KFP's cache
 key changes when the data behind an unchanged URI changes. Training is never cached (resume needs it to run).
@@ -19,27 +20,28 @@ from pathlib import Path
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Model, Output
 
+from fusedit.components.cache.component import cache_op
+from fusedit.components.data.component import filter_op, synth_op
+from fusedit.components.evaluate.component import evaluate_op
+from fusedit.components.shared.image import IMAGE, TPU_IMAGE
+from fusedit.components.train.component import train_job_op, train_op
 from fusedit.components.train.config import TrainParams
 from fusedit.errors import UserError, read_yaml
 from fusedit.pipelines import eval_inputs as suite_inputs
 from fusedit.pipelines import resources
-from fusedit.pipelines.cache import cache_op
-from fusedit.pipelines.data import filter_op, synth_op
-from fusedit.pipelines.evaluate import evaluate_op
-from fusedit.pipelines.image import IMAGE, TPU_IMAGE
-from fusedit.pipelines.train import on_gpu_pool, train_job_op, train_op
+from fusedit.pipelines.placement import (
+    GPU,
+    GPU_NODE_SELECTOR,
+    GPU_TOLERATIONS,
+    TPU,
+    TPU_NODE_SELECTOR,
+    TPU_TOLERATIONS,
+    place,
+    shm,
+)
 
-GPU = "nvidia.com/gpu"
-TPU = "google.com/tpu"
 VARIANTS = ("gpu", "tpu")
 SOURCES = ("either", "synth", "uri")
-# Defaults match k8s/overlays/gke-gpu; EKS: --param node_selector='{"eks.amazonaws.com/nodegroup": "..."}'.
-GPU_NODE_SELECTOR = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
-GPU_TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
-# A single-host slice: one pod drives all its chips (Options.nodes > 1: a JobSet over the hosts of a slice).
-TPU_NODE_SELECTOR = {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
-                     "cloud.google.com/gke-tpu-topology": "2x2"}
-TPU_TOLERATIONS = [{"key": TPU, "operator": "Exists", "effect": "NoSchedule"}]
 # Keys of the storage Secret (k8s/base/secret-storage.template.yaml), each exposed as the env var of its name.
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FUSEDIT_S3_ENDPOINT")
 
@@ -180,14 +182,6 @@ def _common(task: dsl.PipelineTask, opts: Options, image: str, timeout_s: int, s
     return task
 
 
-def _on_pool(task: dsl.PipelineTask, resource: str, count, node_selector, tolerations) -> dsl.PipelineTask:
-    task.set_accelerator_type(resource).set_accelerator_limit(count)
-    kubernetes.add_node_selector_json(task, node_selector)
-    kubernetes.add_toleration_json(task, tolerations)
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-    return task
-
-
 def _shards(opts: Options, source_uri, data_version, samples, seed, shard_size, bad_fraction):
     def made():
         return _common(synth_op(samples=samples, seed=seed, shard_size=shard_size, bad_fraction=bad_fraction),
@@ -235,13 +229,8 @@ def train_stages(opts: Options, stages, *, recipe, cache, params, output_root, o
             continue
         task = train_op(**common, processes=1 if tpu else accelerators).set_display_name(f"train-{st.name}")
         _common(task, opts, opts.tpu_image if tpu else opts.image, opts.train_timeout_s, "train")
-        if tpu:
-            _on_pool(task, TPU, accelerators, node_selector, tolerations)
-            task.set_retry(opts.retries, backoff_duration=opts.backoff, backoff_factor=2.0)
-            task.set_caching_options(False)
-        else:
-            on_gpu_pool(task, accelerators, node_selector, tolerations, opts.retries, opts.backoff)
-        trained[st.name] = task
+        trained[st.name] = place(task, accelerators, node_selector, tolerations, resource=TPU if tpu else GPU,
+                                 retries=opts.retries, backoff=opts.backoff)
     return trained
 
 
@@ -271,7 +260,7 @@ def build(opts: Options | None = None):
         shards = _shards(opts, source_uri, data_version, samples, seed, shard_size, bad_fraction)
         filtered = _common(filter_op(shards=shards, config_yaml=filter_config, data_version=data_version),
                            opts, opts.image, opts.step_timeout_s, "filter").set_display_name("filter")
-        kubernetes.empty_dir_mount(filtered, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        shm(filtered)
         tiny = _common(tiny_op(recipe=recipe, overrides=overrides), opts, opts.image, opts.step_timeout_s, "tiny",
                        secret=False).set_display_name("tiny")
         sets = tiny.outputs["Output"]
@@ -279,7 +268,7 @@ def build(opts: Options | None = None):
                                  dtype=cache_dtype, data_version=data_version), opts, opts.image,
                         opts.step_timeout_s, "cache").set_display_name("cache")
         if not tpu:  # on the TPU variant the cache and evaluation run on CPU nodes
-            _on_pool(cache, GPU, 1, node_selector, tolerations)
+            place(cache, 1, node_selector, tolerations)
         trained = train_stages(opts, stages, recipe=recipe, cache=cache.outputs["cache"], params=train_params,
                                output_root=train_output_root, overrides=sets, device=device,
                                data_version=data_version, accelerators=accelerators, node_selector=node_selector,
@@ -288,7 +277,7 @@ def build(opts: Options | None = None):
                                  suites=eval_suites, output_uri=eval_output_uri, **eval_inputs), opts, opts.image,
                      opts.step_timeout_s, "evaluate").set_display_name("evaluate")
         if not tpu:
-            _on_pool(ev, GPU, 1, node_selector, tolerations)
+            place(ev, 1, node_selector, tolerations)
 
     return dsl.pipeline(name=f"fusedit-workflow-{opts.variant}",
                         description="synth or shards -> filter -> tiny -> cache -> training stages -> evaluate")(

@@ -5,8 +5,10 @@ import json
 
 import yaml
 
+from fusedit.components.cache.component import cache_op
 from fusedit.components.cache.format import read_manifest
-from fusedit.pipelines.cache import GPU, cache_op, compile_pipeline
+from fusedit.pipelines.cache import compile_pipeline
+from fusedit.pipelines.placement import GPU
 from tests.cache_helpers import SHALLOW, make_shards, recipe_overrides
 
 

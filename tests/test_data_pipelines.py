@@ -56,8 +56,8 @@ def test_dvc_repro_runs_synth_then_filter(tmp_path):
 
 
 def test_pipelines_compile_with_typed_artifacts_on_the_project_image(tmp_path):
+    from fusedit.components.shared.image import IMAGE
     from fusedit.pipelines.data import compile_pipelines
-    from fusedit.pipelines.image import IMAGE
 
     paths = compile_pipelines(str(tmp_path))
     spec = yaml.safe_load(Path(paths["data"]).read_text())

@@ -185,7 +185,7 @@ def test_dockerignore_allows_exactly_what_is_copied():
 
 
 def test_readme_documents_build_and_tags():
-    from fusedit.pipelines import image
+    from fusedit.components.shared import image
 
     readme = (ROOT / "docker" / "README.md").read_text()
     for path in DOCKERFILES.values():

@@ -108,7 +108,9 @@ def test_per_suite_images_and_feature_named_fid_through_the_cli(tmp_path, pipe_d
 def test_kfp_component_requests_a_gpu_and_runs_locally(tmp_path, pipe_dir):
     from kfp import dsl, local
 
-    from fusedit.pipelines.evaluate import GPU, compile_pipeline, evaluate_op
+    from fusedit.components.evaluate.component import evaluate_op
+    from fusedit.pipelines.evaluate import compile_pipeline
+    from fusedit.pipelines.placement import GPU
 
     spec = yaml.safe_load(open(compile_pipeline(str(tmp_path))))
     resources = [e["container"].get("resources", {}) for e in spec["deploymentSpec"]["executors"].values()

@@ -168,7 +168,7 @@ class _Quiet(SimpleHTTPRequestHandler):
 
 def test_the_evaluation_pod_gets_its_inputs_as_local_files(tmp_path):
     """Run parameters win over the eval config; Inception weights given by URL are fetched into the pod."""
-    from fusedit.pipelines.eval_inputs import pod_fields
+    from fusedit.components.evaluate.pod_inputs import pod_fields
 
     (tmp_path / "www").mkdir()
     weights = bytes(range(256)) * 64

@@ -3,7 +3,7 @@ defaults, compile-time `--resources` overrides), the multi-node jobs take the co
 images may be pinned by digest (`--image name@sha256:...`), kept as given everywhere.
 
 Compiled through the CLI and read back as YAML; the job templates are filled by the rule of k8s/jobs/README.md
-(tests/test_k8s.render) and by pipelines/jobs.py, and their pods validated as core Kubernetes kinds.
+(tests/test_k8s.render) and by components/train/jobs.py, and their pods validated as core Kubernetes kinds.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_overrides_secret_and_digests_reach_the_tasks_and_the_job_pods(tmp_path)
 
 @pytest.mark.parametrize("kind,template", [("pytorchjob", "pytorchjob-gpu.yaml"), ("jobset", "jobset-tpu.yaml")])
 def test_job_pods_take_the_secret_the_requests_and_a_digest(kind, template):
-    from fusedit.pipelines import jobs
+    from fusedit.components.train import jobs
 
     values = EXAMPLE | {"IMAGE": DIGEST, "STORAGE_SECRET": "team-creds", "CPU_REQUEST": "16",
                         "MEMORY_REQUEST": "128Gi"}

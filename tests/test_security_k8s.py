@@ -3,10 +3,11 @@
 Every pod the manifests can create (the training-job templates, filled) runs as the images' non-root user,
 drops all capabilities, cannot escalate, has a read-only root filesystem whose writable places are exactly
 the mounted emptyDirs, and mounts no API token. RBAC is one namespaced Role whose rules are the Kubernetes
-API calls made from a step pod, nothing more: those of pipelines/ (found in its source) and those of KFP's own
-driver, launcher and Argo executor (the cited list k8s/base/kfp-launcher-calls.yaml, for the KFP features the
-compiled pipelines use), with the objects named where they are known. These are the checks `checkov` would make for
-these objects (it is not a dependency: installing it would change pinned versions of the main environment).
+API calls made from a step pod, nothing more: those of the step code (components/ and pipelines/, found in their
+source) and those of KFP's own driver, launcher and Argo executor (the cited list k8s/base/kfp-launcher-calls.yaml,
+for the KFP features the compiled pipelines use), with the objects named where they are known. These are the
+checks `checkov` would make for these objects (it is not a dependency: installing it would change pinned versions
+of the main environment).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ API_CALLS = {
     "read_namespaced_pod_log": ("pods/log", "get"), "delete_namespaced_pod": ("pods", "delete"),
     "Watch": "watch",
 }
+STEP_CODE = ("components", "pipelines")  # what a step pod runs (the job launcher: components/train/jobs.py)
 CRDS = {("jobset.x-k8s.io", "jobsets"), ("trainer.kubeflow.org", "trainjobs"), ("kubeflow.org", "pytorchjobs")}
 
 
@@ -97,9 +99,10 @@ def test_read_only_root_leaves_every_written_path_on_a_volume(name):
 
 
 def used_rules() -> set[tuple[str, str, str]]:
-    """(apiGroup, resource, verb) for every Kubernetes API call in pipelines/ (CRD calls: each CRD kind)."""
+    """(apiGroup, resource, verb) for every Kubernetes API call in the code step pods run, components/ and
+    pipelines/ (the job launcher is components/train/jobs.py; CRD calls: each CRD kind)."""
     out = set()
-    for f in (ROOT / "pipelines").rglob("*.py"):
+    for f in sorted(p for folder in STEP_CODE for p in (ROOT / folder).rglob("*.py")):
         for method in re.findall(r"\.(\w+)\(", f.read_text()):
             what = API_CALLS.get(method)
             if isinstance(what, tuple):
@@ -136,7 +139,7 @@ def compiled_features() -> set[str]:
 
 def required_rules(features: set[str]) -> set[tuple[str, str, str, str | None]]:
     """(apiGroup, resource, verb, object name or None) the step pods need: KFP's own calls (the cited list in
-    k8s/base/kfp-launcher-calls.yaml, for the features the pipelines use) and the calls of pipelines/."""
+    k8s/base/kfp-launcher-calls.yaml, for the features the pipelines use) and the calls of the step code."""
     doc = yaml.safe_load((K8S / "base" / "kfp-launcher-calls.yaml").read_text())
     out = {(g, r, v, None) for g, r, v in used_rules()}
     for call in doc["calls"]:
@@ -181,7 +184,7 @@ def test_rbac_is_namespaced_and_exactly_the_calls_made(target, features):
         names = rule.get("resourceNames") or [None]
         granted |= {(g, r, v, n) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
                     for n in names}
-    assert used_rules(), "no Kubernetes API call found in pipelines/"
+    assert used_rules(), f"no Kubernetes API call found in {STEP_CODE}"
     assert "createpvc" not in features, "a CreatePVC task makes KFP's driver create PVCs: add its calls"
     needed = required_rules(features)
     assert granted == needed, f"granted, unused: {sorted(granted - needed, key=str)}; " \

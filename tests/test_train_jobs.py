@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fusedit.components.train import jobs
 from fusedit.errors import UserError
-from fusedit.pipelines import jobs
 from tests.k8s_api import K8sStandIn
 from tests.test_train import _losses
 
@@ -125,7 +125,7 @@ def test_pytorchjob_two_nodes_train_like_one_process(tmp_path, tiny_dir, filtere
     """train_job_op under kfp.local creates a 2-node PyTorchJob; torchrun's rendezvous joins the two pods."""
     from kfp import local
 
-    from fusedit.pipelines.train import train_job_op
+    from fusedit.components.train.component import train_job_op
 
     with K8sStandIn(config_maps={"fusedit-config": POD_ENV}) as api:
         monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))

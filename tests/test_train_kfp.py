@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedit.pipelines.train import GPU, compile_pipeline, train_op, train_pipeline
+from fusedit.components.train.component import train_op
+from fusedit.pipelines.placement import GPU
+from fusedit.pipelines.train import compile_pipeline, train_pipeline
 
 
 def _params(tmp_path: Path) -> Path:

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusedit.pipelines.image import IMAGE
-from fusedit.pipelines.workflow import GPU, TPU, compile_workflow
+from fusedit.components.shared.image import IMAGE
+from fusedit.pipelines.placement import GPU, TPU
+from fusedit.pipelines.workflow import compile_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [s["name"] for s in yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["stages"]]

@@ -1,1 +1,2 @@
-"""Plumbing every step uses (storage, tar shards, the device); it imports no step."""
+"""Plumbing every step uses (storage, tar shards, the device, the container images its KFP components run on);
+it imports no step."""

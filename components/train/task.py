@@ -1,4 +1,5 @@
-"""What the training tasks do around `fusedit train`: their inputs, the job's arguments, their outputs.
+"""What the training tasks (components/train/component.py) do around `fusedit train`: their inputs, the job's
+arguments, their outputs.
 
 Kept free of kfp imports: the KFP executor imports this while kfp itself is still being imported.
 """

@@ -5,7 +5,7 @@ shipped as `fusedit.jobs` (k8s/jobs/: the filling rule is in its README), create
 Kubernetes API with the step's service account, streams every pod's log to its own stdout (prefixed with the
 pod name), waits for the job's terminal condition and deletes it. The object's name is a function of the run
 and the stage, so a retried step finds the job its previous attempt created and follows it instead of
-starting a second one.
+starting a second one. It runs in the pod of `train_job_op` (components/train/component.py).
 """
 
 from __future__ import annotations
