@@ -6,10 +6,8 @@ here; every child is still a separate OS process running the real CLI entry poin
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
-import random
 import signal
 import sys
 import time
@@ -35,7 +33,8 @@ def context() -> mp.context.BaseContext:
     return _ctx
 
 
-def _child(argv: list[str], env: dict[str, str], log: str, fsize: int | None = None) -> None:
+def _child(argv: list[str], env: dict[str, str], log: str, fsize: int | None = None,
+           log_level: int | None = None) -> None:
     os.setpgid(0, 0)  # its own process group: a kill takes its pool workers too, as a pod kill would
     if fsize is not None:  # a file-size limit: writes past it fail with EFBIG, as a full disk fails them
         import resource
@@ -48,6 +47,10 @@ def _child(argv: list[str], env: dict[str, str], log: str, fsize: int | None = N
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the child
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     os.environ.update(env)
+    if log_level is not None:  # configured first, so a step's own basicConfig (e.g. WARNING) is a no-op
+        import logging
+
+        logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s", force=True)
     from fusedit.cli import main
 
     try:
@@ -67,11 +70,12 @@ class Run:
     log: Path
     env: dict[str, str] = field(default_factory=dict)
     fsize: int | None = None  # RLIMIT_FSIZE for the child, in bytes
+    log_level: int | None = None  # root logging level for the child (e.g. INFO to see a step's resume line)
 
     def start(self) -> mp.process.BaseProcess:
         env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **self.env}
         self._offset = self.log.stat().st_size if self.log.exists() else 0
-        proc = context().Process(target=_child, args=(self.argv, env, str(self.log), self.fsize))
+        proc = context().Process(target=_child, args=(self.argv, env, str(self.log), self.fsize, self.log_level))
         proc.start()
         return proc
 
@@ -94,71 +98,40 @@ class Run:
         assert code == 0, f"{self.argv[:3]} exited {code}:\n{self.tail()}"
         return time.perf_counter() - t0
 
-    def kill_after(self, delay: float, after: Callable[[], bool] | None = None, timeout: float = 300) -> bool:
-        """Start, SIGKILL `delay` seconds after the start (or after `after()` turns true); True if the
-        kill landed (False: the run finished first)."""
+    def kill_when(self, ready: Callable[[], bool], timeout: float = 300, poll: float = 0.005) -> int:
+        """Start, and SIGKILL the run the moment `ready()` turns true (a progress file appeared, a line was
+        printed): a kill point that lands at the same place of the work on any machine. Fails the test if the
+        run exits (or hangs past `timeout`) before that; returns the killed run's exit code (-SIGKILL)."""
         context()
         proc = self.start()
-        if after is not None:
-            while not after() and proc.is_alive():
-                time.sleep(0.01)
-        proc.join(delay)
-        if proc.exitcode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.join(timeout)
-            if proc.exitcode == 0:  # it exited in the instant between the check and the kill
-                return False
-            assert proc.exitcode == -signal.SIGKILL, f"{self.argv[:3]} exited {proc.exitcode}:\n{self.tail()}"
-            return True
-        assert proc.exitcode == 0, f"{self.argv[:3]} exited {proc.exitcode}:\n{self.tail()}"
-        return False
-
-    def seconds_after(self, event: Callable[[], bool], timeout: float = 300) -> float:
-        """Run to the end; the seconds between `event()` turning true and the exit (a phase's length)."""
-        context()
-        proc = self.start()
-        while not event() and proc.is_alive():
-            time.sleep(0.01)
         t0 = time.perf_counter()
+        while not ready():
+            if not proc.is_alive() or time.perf_counter() - t0 > timeout:
+                proc.join(0.1)
+                if proc.exitcode is None:
+                    self._kill(proc)
+                raise AssertionError(f"{self.argv[:3]} reached no kill point (exit {proc.exitcode}):\n{self.tail()}")
+            time.sleep(poll)
+        self._kill(proc, timeout)
+        assert proc.exitcode == -signal.SIGKILL, f"{self.argv[:3]} exited {proc.exitcode}:\n{self.tail()}"
+        return proc.exitcode
+
+    @staticmethod
+    def _kill(proc: mp.process.BaseProcess, timeout: float = 300) -> None:
+        """SIGKILL the run's process group (the run and its pool workers, as a pod kill takes them)."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # not yet its own group leader
+            proc.kill()
         proc.join(timeout)
-        assert proc.exitcode == 0, f"{self.argv[:3]} exited {proc.exitcode}:\n{self.tail()}"
-        return time.perf_counter() - t0
 
     def said(self, text: str) -> bool:
         """Whether the current run has printed `text` yet (a phase boundary to kill after)."""
+        if not self.log.exists():  # the child has not opened it yet
+            return False
         with open(self.log, errors="replace") as f:
             f.seek(self._offset)
             return text in f.read()
 
     def tail(self, n: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-
-@dataclass
-class KillReport:
-    step: str
-    delays: list[float] = field(default_factory=list)
-    landed: int = 0
-
-
-def kill_and_resume(run: Run, duration: float, seeds: list[int], check: Callable[[], None],
-                    step: str, lo: float = 0.05, hi: float = 0.85, after: Callable[[], bool] | None = None,
-                    reset: Callable[[], None] | None = None) -> KillReport:
-    """Kill the same output at one seeded random point per seed (each kill resumes the last one's
-    work), check nothing half-written looks complete after each, then run it to the end.
-
-    A run that finishes before its kill (a faster machine than the timed one) is `reset` (its output
-    removed), so the next seed again has a whole run to land in."""
-    report = KillReport(step)
-    for seed in seeds:
-        delay = random.Random(seed).uniform(lo * duration, hi * duration)
-        report.delays.append(round(delay, 3))
-        landed = run.kill_after(delay, after)
-        report.landed += landed
-        check()
-        if not landed and reset is not None:
-            reset()
-    run.complete()
-    print(f"kill points {step}: {report.landed} of {len(seeds)} landed mid-run at {report.delays} s")
-    return report

@@ -1,16 +1,22 @@
-"""SIGKILL each step at seeded random points, rerun it, and get exactly the uninterrupted result.
+"""SIGKILL each step in the middle of its work, rerun it, and get exactly the uninterrupted result by resuming.
 
 Steps: filter (`fusedit data filter`), cache build (`fusedit cache build`), both training stages
-(`fusedit train`), export (the end of a stage) and evaluation sampling (`fusedit eval run`). After
-every kill the output is checked for a half-written file that looks complete; after the final rerun
-the outputs are compared with an uninterrupted run (bytes where the step is deterministic, the loss
-curve and weights for training).
+(`fusedit train`), export (the end of a stage) and evaluation sampling (`fusedit eval run`). Every kill
+lands at a point of progress, not after a guessed delay: the moment the k-th shard's done-marker, the
+checkpoint of step s, the half-written export or the k-th image appears, so it lands mid-work on any
+machine. After every kill the test asserts the work was in flight (killed by the signal, some of the work
+durable, not all of it, nothing half-written that looks complete); after every rerun that the durable work
+was reused, not redone (done-markers and images untouched, the resume lines, `(N reused)`, timing.json's
+start_step). After the final rerun the outputs are compared with an uninterrupted run (bytes where the step
+is deterministic, the loss curve and weights for training). A step that redoes everything from scratch
+fails here.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
-import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,10 +25,29 @@ import yaml
 from fusedit.components.shared.tario import iter_samples
 from fusedit.components.train import checkpoint
 from tests.cache_helpers import DEEP, cli_sets, recipe_overrides, tree
-from tests.fault_helpers import Run, kill_and_resume
+from tests.fault_helpers import Run
 
-SEEDS = [1, 9, 6]  # first draws 0.13, 0.46, 0.79: early, middle and late kills
 RUN_FACTS = "timing.json"  # how the run went (seconds, images/s, workers, resumed step): the one file that differs
+KILLED = -signal.SIGKILL
+Stamps = dict[str, tuple[int, int]]
+
+
+def _stamps(root: Path, pattern: str) -> Stamps:
+    """(inode, mtime in ns) of every file matching pattern under root: a rewritten file changes either."""
+    out = {}
+    for p in sorted(root.glob(pattern)) if root.exists() else []:
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # removed between the listing and the stat (a rename, a prune)
+            continue
+        out[str(p.relative_to(root))] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def _untouched(before: Stamps, after: Stamps) -> None:
+    """Every file of `before` is still there, never rewritten."""
+    redone = sorted(k for k, v in before.items() if after.get(k) != v)
+    assert not redone, f"finished work redone (or lost) by the rerun: {redone}"
 
 
 def _strict_count(path: Path) -> int:
@@ -51,7 +76,7 @@ def _filter_run(out: Path, synth_dir: Path, tmp: Path) -> Run:
     cfg = tmp / "filter.yaml"
     cfg.write_text(yaml.safe_dump({"report": False, "min_side": 16, "samples_per_shard": 10, "workers": 2}))
     return Run(["data", "filter", "--input", str(synth_dir), "--output", str(out), "--config", str(cfg)],
-               tmp / f"{out.name}.log")
+               tmp / f"{out.name}.log", log_level=logging.INFO)  # INFO: its "resuming: N of M" line
 
 
 def _check_filter(out: Path) -> None:
@@ -71,14 +96,31 @@ def _check_filter(out: Path) -> None:
             m["result"]["n_kept"]
 
 
-def test_filter_killed_anywhere_resumes_to_the_same_bytes(tmp_path, synth_dir):
+FILTER_KILLS = (2, 4, 6)  # input shards (of 8) done when each kill lands: early, middle, late
+
+
+def test_filter_killed_mid_work_resumes_to_the_same_bytes(tmp_path, synth_dir):
     out, ref = tmp_path / "out", tmp_path / "ref"
     run = _filter_run(out, synth_dir, tmp_path)
-    duration = run.complete()
+    run.complete()
     out.rename(ref)  # the same output path again: paths are part of the manifest
-    report = kill_and_resume(run, duration, SEEDS, lambda: _check_filter(out), "filter",
-                             reset=lambda: shutil.rmtree(out))
-    assert report.landed >= 1
+    n = len(json.loads((ref / "manifest.json").read_text())["inputs"])
+    assert n == 8 and (ref / "shards").is_dir() and not (ref / ".work").exists()
+
+    done: Stamps = {}
+    for k in FILTER_KILLS:  # each kill resumes the last one's work
+        assert len(done) < k
+        assert run.kill_when(lambda k=k: len(_stamps(out / ".work", "*/done.json")) >= k) == KILLED
+        now = _stamps(out / ".work", "*/done.json")
+        # in flight: some shards' work durable, not all of it, nothing published
+        assert k <= len(now) < n and not (out / "manifest.json").exists(), (k, sorted(now))
+        if done:  # reused: the shards done before this run were reported done and never redone
+            assert run.said(f"resuming: {len(done)} of {n} shards already done"), run.tail()
+            _untouched(done, now)
+        _check_filter(out)
+        done = now
+    run.complete()
+    assert run.said(f"resuming: {len(done)} of {n} shards already done"), run.tail()
     got, want = tree(out), tree(ref)
     assert sorted(got) == sorted(want) and any(Path(k).name == RUN_FACTS for k in got)
     assert _untimed(got) == _untimed(want)  # metrics, manifest and report included: no wall-clock in them
@@ -97,18 +139,36 @@ def _check_cache(out: Path) -> None:
         assert sum(_strict_count(out / s["name"]) for s in m["shards"]) == m["n_samples"]
 
 
-def test_cache_build_killed_anywhere_resumes_to_the_same_bytes(tmp_path, tiny_dir):
+CACHE_KILLS = (2, 4, 6)  # shards (of 8) with a done-marker when each kill lands: early, middle, late
+
+
+def test_cache_build_killed_mid_work_resumes_to_the_same_bytes(tmp_path, tiny_dir):
     from tests.cache_helpers import make_shards
 
     shards = make_shards(tmp_path / "in", samples=24, shard_size=3)
     out, ref = tmp_path / "out", tmp_path / "ref"
     run = Run(["cache", "build", "--input", str(shards), "--output", str(out), "--recipe", DEEP, "--batch-size", "2",
                *cli_sets(recipe_overrides(DEEP, tiny_dir, vae=True))], tmp_path / "cache.log")
-    duration = run.complete()
+    run.complete()
     out.rename(ref)
-    report = kill_and_resume(run, duration, SEEDS, lambda: _check_cache(out), "cache build",
-                             reset=lambda: shutil.rmtree(out))
-    assert report.landed >= 1
+    n = len(json.loads((ref / "manifest.json").read_text())["shards"])
+    assert n == 8
+
+    done: Stamps = {}
+    for k in CACHE_KILLS:  # each kill resumes the last one's work
+        assert len(done) < k
+        assert run.kill_when(lambda k=k: len(_stamps(out / "shards", "*.json")) >= k) == KILLED
+        now = _stamps(out / "shards", "*.json")
+        # in flight: some shards encoded and marked done, not all, no manifest
+        assert k <= len(now) < n and not (out / "manifest.json").exists(), (k, sorted(now))
+        _untouched(done, now)  # reused: a marked shard is never encoded again
+        _check_cache(out)
+        done = now
+    tars = _stamps(out / "shards", "*.tar")
+    run.complete()
+    assert run.said(f"in {n} shards ({len(done)} reused)"), run.tail()  # BuildResult.shards_reused
+    _untouched(done, _stamps(out / "shards", "*.json"))
+    _untouched({k: v for k, v in tars.items() if k.replace(".tar", ".json") in done}, _stamps(out / "shards", "*.tar"))
     assert tree(out) == tree(ref)  # byte for byte: no shard lost, none written twice
 
 
@@ -161,28 +221,59 @@ def _same_stage(got: Path, want: Path) -> None:
     assert tree(got / "pipeline") == tree(want / "pipeline")
 
 
-def test_training_stages_and_export_killed_anywhere_resume_to_the_same_curve(tmp_path, tiny_dir, filtered):
+def _committed(out: Path) -> int:
+    """The stage's latest committed checkpoint step (0: none yet)."""
+    markers = (out / "checkpoints").glob(f"step-*/{checkpoint.MARKER}")
+    steps = [int(m.parent.name.removeprefix("step-")) for m in markers]
+    return max(steps, default=0)
+
+
+def _kill_training(run: Run, out: Path, stage: str, points: tuple[int, ...], steps: int) -> None:
+    """Kill once a checkpoint of each step in `points` is committed; each rerun resumes from the last."""
+    resumed = 0
+    for s in points:
+        assert resumed < s
+        assert run.kill_when(lambda s=s: _committed(out) >= s) == KILLED
+        got = _committed(out)
+        # in flight: a checkpoint committed before the last step; the stage not finished (no metrics, no export)
+        assert s <= got < steps and not (out / "metrics.json").exists() and not (out / "pipeline").exists(), got
+        if resumed:  # reused: the rerun trained on from the last kill's checkpoint
+            assert run.said(f"resuming stage '{stage}' from step {resumed}"), run.tail()
+        _check_stage(out)
+        resumed = got
+    run.complete()
+    assert json.loads((out / RUN_FACTS).read_text())["start_step"] == resumed > 0  # not trained from step 0
+
+
+def _kill_export(run: Run, out: Path, ready, writing: bool) -> None:
+    """Kill a rerun of a finished stage (only the export is left) once it has resumed from the last step and
+    `ready()`; the export must be in flight: the run never reached its end, half a pipeline written or none."""
+    facts = _stamps(out, RUN_FACTS)
+    assert run.kill_when(lambda: run.said("resuming stage 'base' from step 8") and ready()) == KILLED
+    _untouched(facts, _stamps(out, RUN_FACTS))  # the run never reached its end (timing.json is its last write)
+    assert (out / "pipeline.part").is_dir() == writing  # half an export beside the whole old one, or none yet
+    _check_stage(out)
+
+
+def test_training_stages_and_export_killed_mid_work_resume_to_the_same_curve(tmp_path, tiny_dir, filtered):
     out, ref = tmp_path / "out", tmp_path / "ref"
     runs = {stage: _train_run(tmp_path, tiny_dir, filtered, out, stage) for stage in ("base", "joint")}
-    durations = {stage: run.complete() for stage, run in runs.items()}
-    # a rerun of a finished stage only exports again: time that phase (from the resume line on)
-    uninterrupted = (out / "base" / "metrics.json").read_text()
-    resumed, writing = "resuming stage 'base' from step 8", "Writing model shards"
-    export_s = runs["base"].seconds_after(lambda: runs["base"].said(resumed))
-    again = json.loads((out / "base" / "metrics.json").read_text())
-    assert again == json.loads(uninterrupted)  # an export-only rerun changes nothing
-    assert math.isfinite(json.loads(uninterrupted)["final_loss"])
+    for r in runs.values():
+        r.complete()
+    assert math.isfinite(json.loads((out / "base" / "metrics.json").read_text())["final_loss"])
     out.rename(ref)
 
-    base = kill_and_resume(runs["base"], durations["base"], SEEDS, lambda: _check_stage(out / "base"), "train base",
-                           reset=lambda: shutil.rmtree(out / "base"))
-    export = kill_and_resume(runs["base"], export_s, SEEDS, lambda: _check_stage(out / "base"), "export",
-                             lo=0.0, hi=1.0, after=lambda: runs["base"].said(resumed))
-    writes = kill_and_resume(runs["base"], 0.05, SEEDS, lambda: _check_stage(out / "base"), "export (writing)",
-                             lo=0.0, hi=1.0, after=lambda: runs["base"].said(writing))
-    joint = kill_and_resume(runs["joint"], durations["joint"], SEEDS, lambda: _check_stage(out / "joint"),
-                            "train joint", reset=lambda: shutil.rmtree(out / "joint"))
-    assert base.landed >= 1 and joint.landed >= 1 and export.landed + writes.landed >= 2
+    _kill_training(runs["base"], out / "base", "base", (2, 4, 6), 8)
+    # the export (a rerun of the finished stage): as it starts, as the pipeline's files begin, and in the
+    # middle of writing the model's shards
+    base = out / "base"
+    _kill_export(runs["base"], base, lambda: True, writing=False)
+    _kill_export(runs["base"], base, lambda: (base / "pipeline.part").is_dir(), writing=True)
+    _kill_export(runs["base"], base, lambda: runs["base"].said("Writing model shards"), writing=True)
+    runs["base"].complete()
+    assert runs["base"].said("resuming stage 'base' from step 8"), runs["base"].tail()
+    assert json.loads((base / RUN_FACTS).read_text())["start_step"] == 8  # only the export redone
+    _kill_training(runs["joint"], out / "joint", "joint", (2,), 4)
     for stage in ("base", "joint"):
         _same_stage(out / stage, ref / stage)
     assert not list((out / "base").glob("pipeline.*"))  # no temp export left behind
@@ -200,19 +291,53 @@ def _check_eval(out: Path) -> None:
         json.loads((out / "metrics.json").read_text())
 
 
-def test_eval_sampling_killed_anywhere_resumes_to_the_same_images(tmp_path, tiny_dir):
+EVAL_KILLS = (0.15, 0.45, 0.75)  # share of the images drawn when each kill lands: early, middle, late
+PER_PROMPT = 2  # images per prompt: a job (one prompt) is finished when both of its images are there
+
+
+def _images(out: Path) -> Stamps:
+    return _stamps(out / "samples", "**/*.png")
+
+
+def _finished(images: Stamps) -> Stamps:
+    """The images of finished jobs (`<category>/<prompt>_<k>.png` for every k): what a rerun must keep."""
+    jobs: dict[str, list[str]] = {}
+    for rel in images:
+        jobs.setdefault(rel.rsplit("_", 1)[0], []).append(rel)
+    return {rel: images[rel] for rels in jobs.values() if len(rels) == PER_PROMPT for rel in rels}
+
+
+def test_eval_sampling_killed_mid_work_resumes_to_the_same_images(tmp_path, tiny_dir):
     from tests.eval_helpers import export_tiny
 
     pipe = export_tiny(tmp_path / "pipeline", tiny_dir)
     out, ref = tmp_path / "out", tmp_path / "ref"
     run = Run(["eval", "run", "--pipeline", str(pipe), "--output", str(out), "--suite", "synthetic", "--steps", "3",
-               "--images-per-prompt", "2", "--synthetic-per-category", "3", "--batch-size", "2", "--quiet"],
-              tmp_path / "eval.log")
-    duration = run.complete()
+               "--images-per-prompt", str(PER_PROMPT), "--synthetic-per-category", "3", "--batch-size", "2",
+               "--quiet"], tmp_path / "eval.log")
+    run.complete()
     out.rename(ref)
-    report = kill_and_resume(run, duration, SEEDS, lambda: _check_eval(out), "eval sampling",
-                             reset=lambda: shutil.rmtree(out))
-    assert report.landed >= 1
+    total = len(_images(ref))
+    assert total > 10 and len(_finished(_images(ref))) == total
+
+    before: Stamps = {}
+    for share in EVAL_KILLS:  # each kill resumes the last one's work
+        k = math.ceil(share * total)
+        assert len(before) < k
+        assert run.kill_when(lambda k=k: len(_images(out)) >= k) == KILLED
+        now = _images(out)
+        # in flight: some images drawn, not all, no scores
+        assert k <= len(now) < total and not (out / "metrics.json").exists(), (k, len(now))
+        _untouched(_finished(before), now)  # reused: a finished prompt's images are never drawn again
+        _check_eval(out)
+        before = now
+    kept = _finished(before)
+    run.complete()
+    now = _images(out)
+    _untouched(kept, now)
+    redrawn = {rel for rel, st in now.items() if before.get(rel) != st}
+    # exactly the missing images were drawn (a prompt cut off between its two images is drawn whole again)
+    assert kept and redrawn == set(now) - set(kept) and len(redrawn) == total - len(kept)
     got, want = tree(out / "samples"), tree(ref / "samples")
     assert got == want and len(got) > 10
     assert json.loads((out / "metrics.json").read_text()) == json.loads((ref / "metrics.json").read_text())
