@@ -3,6 +3,16 @@
 One `Dist` describes this process; the helpers here hide the few places where the strategies differ
 (wrapping, full state dicts for checkpoints, reductions for logging). Nothing here is home-made
 communication: it is torch.distributed's process group, DDP and FSDP2.
+
+What distribution meant for a run is recorded by each rank itself, at its first step (numbered as in
+loss.tsv), in `<output>/ranks/rank-<r>.json` (`rank_record`; r is the rank, or the host index under
+SPMD): world size, strategy, the device mesh of sharded parameters (`[2]` under FSDP over 2 ranks,
+`[replicas, shard_group]` under HSDP), the keys of the samples this rank trained on at that step (its
+slice of the global batch, taken from the batch actually read), and the local vs full shape of the
+DiT's first weight matrix inside a block and outside them (FSDP2 wraps each block, then the root). Under
+FSDP2 a local shard is a dim-0 chunk; DDP replicas, and HSDP replicas of one-rank shard groups, hold
+parameters whole. A resumed run rewrites it for its own first step; like timing.json it is a run fact
+(never tracked by DVC). Ranks of an earlier run with a larger world are not removed: check `world`.
 """
 from __future__ import annotations
 
@@ -139,6 +149,15 @@ def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, d: Dist) -> di
 
 
 def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict, d: Dist) -> None:
+    """Restore a checkpoint's optimizer state. Any world size resumes any other, but a state saved
+    sharded (fsdp/hsdp: keyed by parameter name) and one saved unsharded (keyed by index) do not mix."""
+    by_name = any(isinstance(p, str) for g in state.get("param_groups", []) for p in g.get("params", []))
+    if by_name != d.sharded:
+        from fusedit.errors import UserError
+
+        saved = "under fsdp/hsdp" if by_name else "by one process or ddp"
+        raise UserError(f"the checkpoint's optimizer state was saved {saved} and cannot resume under strategy "
+                        f"'{d.strategy}': resume with a strategy of its kind, or start the stage afresh")
     if d.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -155,6 +174,24 @@ def means(values: torch.Tensor, d: Dist) -> list[float]:
         dist.all_reduce(t)
         t = t / d.world
     return t.cpu().tolist()
+
+
+def rank_record(model: nn.Module, d: Dist, step: int, keys: list[str]) -> dict:
+    """This rank's view of the distribution at `step` (cheap: shapes and names, no communication)."""
+    rec = {"rank": d.rank, "host": d.host, "world": d.world, "strategy": d.strategy, "step": step,
+           "sample_keys": list(keys), "mesh": None, "params": {}}
+    first: dict[str, tuple[str, torch.Tensor]] = {}  # the first weight matrix of a block and of the root
+    for name, p in unwrap(model).named_parameters():
+        if name.startswith("dit.") and p.dim() >= 2:
+            first.setdefault("block" if name.startswith("dit.blocks.") else "root", (name, p))
+    for name, p in first.values():
+        local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor under FSDP2/HSDP
+        rec["params"][name] = {"full": list(p.shape), "local": list(local.shape),
+                               "placements": [str(x) for x in getattr(p, "placements", ())]}
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is not None:
+            rec["mesh"] = {"shape": list(mesh.shape), "dims": list(mesh.mesh_dim_names or ())}
+    return rec
 
 
 def barrier(d: Dist) -> None:

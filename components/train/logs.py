@@ -1,4 +1,5 @@
-"""loss.tsv (for dvc plots) and TensorBoard events of a stage; rank 0 writes them.
+"""loss.tsv (for dvc plots) and TensorBoard events of a stage; rank 0 writes them. Every rank writes its
+own `ranks/rank-<r>.json` (what distribution meant for it; see components/train/distributed.py).
 
 Losses stay on the device until `settle`: reading one back to the host every step would stall the
 GPU's queue once per step, so they are read in one go every `log_every` steps and before each save.
@@ -76,6 +77,11 @@ class TrainLogs:
             self.tb.flush()
             if self.remote:
                 storage.write_bytes(storage.join(self.remote, "loss.tsv"), (self.root / "loss.tsv").read_bytes())
+
+    def rank(self, record: dict) -> None:
+        """This rank's `distributed.rank_record`, beside the outputs (S3 too): `ranks/rank-<r>.json`."""
+        r = record["host"] if self.d.strategy == "spmd" else record["rank"]
+        storage.write_json(storage.join(self.remote or str(self.root), "ranks", f"rank-{r}.json"), record)
 
     def close(self) -> None:
         if self.enabled:

@@ -55,8 +55,9 @@ class TrainResult:
     llm_trainable_params: int
     world: int
     bad_samples: int = 0  # skipped by this run (rank 0's share): unreadable since filtering/caching
+    strategy: str = "single"  # distributed.Dist.strategy (ddp, fsdp, hsdp, spmd); per rank: ranks/rank-<r>.json
 
-    RUN_FACTS = ("output", "start_step", "images_per_s", "world")
+    RUN_FACTS = ("output", "start_step", "images_per_s", "world", "strategy")
 
     def metrics(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.RUN_FACTS}
@@ -105,6 +106,14 @@ def _stage_output(output: str, init_from: str) -> str:
     if "/" in init_from:
         return init_from
     return storage.join(output.rstrip("/").rsplit("/", 1)[0], init_from)
+
+
+def _tap_keys(batches, sink: list[str]):
+    """The batches as they are; the first one's sample keys (this rank's slice) are copied to `sink`."""
+    for batch in batches:
+        if not sink:
+            sink.extend(batch.keys)
+        yield batch
 
 
 class _SigtermFlag:
@@ -307,9 +316,11 @@ class _Run:
 
         st, d, logs = self.st, self.d, self.logs
         self.model.train()
-        host = make_inputs(self.features.batches(self.start), self.start, st.batch_size, d.rank * self.local_batch,
-                           self.seed, self.flow, self.rec.flow.caption_dropout, self.features.latent_shift,
-                           self.features.latent_scale, self.cached_text)
+        first_keys: list[str] = []  # this rank's samples at its first step, for its rank record
+        batches = _tap_keys(self.features.batches(self.start), first_keys)
+        host = make_inputs(batches, self.start, st.batch_size, d.rank * self.local_batch, self.seed, self.flow,
+                           self.rec.flow.caption_dropout, self.features.latent_shift, self.features.latent_scale,
+                           self.cached_text)
         prefetch = Prefetch(host, st.prefetch, prepare=lambda x: x.pin() if d.device.type == "cuda" else x)
         bar = tqdm(range(self.start, st.steps), initial=self.start, total=st.steps, desc=st.name, disable=not d.main)
         t_log = time.perf_counter()
@@ -317,6 +328,8 @@ class _Run:
             for step in bar:
                 inputs = next(prefetch).to(d.device)
                 loss = self.step(step, inputs)
+                if step == self.start:  # what distribution meant for this rank: ranks/rank-<r>.json
+                    logs.rank(distributed.rank_record(self.model, d, step + 1, first_keys))
                 logs.step(step + 1, loss, self.sched.get_last_lr()[0], len(inputs.x0))
                 if (step + 1) % st.log_every == 0:  # the only host sync of a step that neither saves nor samples
                     loss_val, now = logs.settle(), time.perf_counter()
@@ -338,7 +351,7 @@ class _Run:
             loss_val = float(self.resume.meta.get("loss", loss_val))
         result = TrainResult(self.output, st.name, self.start, st.steps, loss_val, logs.images_per_s,
                              sum(p.numel() for p in self.dit.parameters()), sum(p.numel() for p in self.llm_params),
-                             self.d.world, self.features.bad.count)
+                             self.d.world, self.features.bad.count, self.d.strategy)
         if self.features.bad.count:
             log.warning("stage '%s': %d unreadable sample(s) skipped", st.name, self.features.bad.count)
         final = self.weights()
