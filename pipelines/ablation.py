@@ -108,7 +108,7 @@ def run_result_op(result: Output[Artifact], run: dict, stages: list, eval_metric
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def compare_op(results: Input[List[Artifact]], report: Output[HTML], summary: Output[Markdown],  # noqa: UP006
+def ablation_report_op(results: Input[List[Artifact]], report: Output[HTML], summary: Output[Markdown],  # noqa: UP006
                ablation: Output[Artifact]):
     """The ablation report over every run (the function behind `fusedit ablate report`)."""
     import shutil
@@ -185,7 +185,7 @@ def build_ablation(spec: Spec, opts: Options | None = None, parallelism: int = 4
                                            final=trained[eval_stage].outputs["model"], run_root=root.output,
                                            overrides=sets), opts, opts.image, opts.step_timeout_s, "run-result")
             result.set_display_name("run-result")
-        _common(compare_op(results=dsl.Collected(result.outputs["result"])), opts, opts.image,
+        _common(ablation_report_op(results=dsl.Collected(result.outputs["result"])), opts, opts.image,
                 opts.step_timeout_s, "compare", secret=False).set_display_name("compare")
 
     return dsl.pipeline(name=f"fusedit-ablation-{spec.name}",

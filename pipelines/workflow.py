@@ -21,7 +21,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Model, Output
 
 from fusedit.components.cache.component import cache_op
-from fusedit.components.data.component import filter_op, synth_op
+from fusedit.components.data.component import compare_op, filter_op, synth_op
 from fusedit.components.evaluate.component import evaluate_op
 from fusedit.components.shared.image import IMAGE, TPU_IMAGE
 from fusedit.components.train.component import train_job_op, train_op
@@ -162,6 +162,8 @@ def _texts(doc: dict) -> dict:
             "shard_size": _number(synth, "shard_size", 500, int),
             "bad_fraction": _number(synth, "bad_fraction", 0.1, float),
             "filter_config": _text(doc.get("data", {}).get("filter", {})),
+            "compare_config": _text({k: v for k, v in doc.get("data", {}).get("compare", {}).items()
+                                     if k not in ("baseline", "baseline_rev")}),
             "train_params": _text({"train": doc["train"]}),
             "eval_suites": list(suites),
             "eval_config": _text(ev),
@@ -252,6 +254,7 @@ def build(opts: Options | None = None):
     def workflow(recipe: str = d["recipe"], source_uri: str = "", data_version: str = "",
                  samples: int = d["samples"], seed: int = d["seed"], shard_size: int = d["shard_size"],
                  bad_fraction: float = d["bad_fraction"], filter_config: str = d["filter_config"],
+                 baseline_uri: str = "", compare_config: str = d["compare_config"],
                  train_params: str = d["train_params"], eval_config: str = d["eval_config"],
                  eval_suites: list = d["eval_suites"], overrides: list = [],  # noqa: B006
                  cache_dtype: str = "bf16", train_output_root: str = "", eval_output_uri: str = "",
@@ -261,12 +264,15 @@ def build(opts: Options | None = None):
         filtered = _common(filter_op(shards=shards, config_yaml=filter_config, data_version=data_version),
                            opts, opts.image, opts.step_timeout_s, "filter").set_display_name("filter")
         shm(filtered)
+        compared = _common(compare_op(new=filtered.outputs["filtered"], old_uri=baseline_uri,
+                                      config_yaml=compare_config), opts, opts.image, opts.step_timeout_s,
+                           "compare").set_display_name("compare")  # gates the cache: no features of worse data
         tiny = _common(tiny_op(recipe=recipe, overrides=overrides), opts, opts.image, opts.step_timeout_s, "tiny",
                        secret=False).set_display_name("tiny")
         sets = tiny.outputs["Output"]
         cache = _common(cache_op(filtered=filtered.outputs["filtered"], recipe=recipe, overrides=sets,
                                  dtype=cache_dtype, data_version=data_version), opts, opts.image,
-                        opts.step_timeout_s, "cache").set_display_name("cache")
+                        opts.step_timeout_s, "cache").set_display_name("cache").after(compared)
         if not tpu:  # on the TPU variant the cache and evaluation run on CPU nodes
             place(cache, 1, node_selector, tolerations)
         trained = train_stages(opts, stages, recipe=recipe, cache=cache.outputs["cache"], params=train_params,
@@ -280,7 +286,8 @@ def build(opts: Options | None = None):
             place(ev, 1, node_selector, tolerations)
 
     return dsl.pipeline(name=f"fusedit-workflow-{opts.variant}",
-                        description="synth or shards -> filter -> tiny -> cache -> training stages -> evaluate")(
+                        description="synth or shards -> filter -> compare (gate) -> tiny -> cache -> training "
+                                    "stages -> evaluate")(
         suite_inputs.with_inputs(workflow, d["eval_inputs"], d["eval_required"]))
 
 

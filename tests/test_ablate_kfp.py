@@ -12,7 +12,7 @@ import yaml
 from kfp import dsl
 
 from fusedit.components.ablate.spec import load_spec, runs
-from fusedit.pipelines.ablation import compare_op, run_result_op
+from fusedit.pipelines.ablation import ablation_report_op, run_result_op
 from tests.test_ablate_report import GRID, make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_result_and_compare_bodies_make_the_report_from_a_run_root(tmp_path, mon
     summary = dsl.Markdown(name="summary", uri=str(tmp_path / "out" / "summary.md"))
     ablation = dsl.Artifact(name="ablation", uri=str(tmp_path / "out" / "ablation.json"))
     (tmp_path / "out").mkdir()
-    compare_op.python_func(results=results, report=report, summary=summary, ablation=ablation)
+    ablation_report_op.python_func(results=results, report=report, summary=summary, ablation=ablation)
     doc = json.loads(Path(ablation.path).read_text())
     assert list(doc["variants"]) == ["deep", "bare"] and doc["reference"] == "deep"
     assert doc["variants"]["bare"]["delta"]["synthetic/overall"]["delta"] == pytest.approx(

@@ -226,3 +226,49 @@ def test_kfp_local_compare_step_reports_and_stops_on_the_gate(versions, tmp_path
     assert "Data compare: **FAILED" in next((tmp_path / "root").glob("*/compare-op/summary")).read_text()
     with pytest.raises(RuntimeError):
         compare_pipeline(old_uri=str(v["a"][0]), new_uri=str(v["b"][0]), gate=True)
+
+
+def test_the_workflow_compares_against_a_baseline_before_caching(tmp_path):
+    """The whole-workflow pipeline takes `baseline_uri` (the data the last model was trained on) and
+    `compare_config` (params.yaml's data.compare), and its cache step waits for the compare step's gate."""
+    from fusedit.pipelines.workflow import build, compile_checked
+
+    spec = next(yaml.safe_load_all(Path(compile_checked(build(), str(tmp_path / "wf.yaml"))).read_text()))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["baseline_uri"]["defaultValue"] == ""
+    assert "ks_alpha" in params["compare_config"]["defaultValue"]
+    assert "baseline_rev" not in params["compare_config"]["defaultValue"]
+    tasks = spec["root"]["dag"]["tasks"]
+    (cmp_name,) = [n for n, t in tasks.items() if t["taskInfo"]["name"] == "compare"]
+    cmp = tasks[cmp_name]
+    assert cmp["inputs"]["parameters"]["old_uri"]["componentInputParameter"] == "baseline_uri"
+    assert cmp["inputs"]["artifacts"]["new"]["taskOutputArtifact"]["producerTask"] == "filter-op"
+    (cache,) = [t for t in tasks.values() if t["taskInfo"]["name"] == "cache"]
+    assert cmp_name in cache["dependentTasks"]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
+def test_kfp_local_compare_op_with_a_baseline_uri_or_none(versions, tmp_path, monkeypatch):
+    from kfp import dsl, local
+    from kfp.dsl import Dataset
+
+    from fusedit.components.data.component import compare_op
+
+    _, v = versions
+    monkeypatch.chdir(tmp_path)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+
+    @dsl.pipeline
+    def against(baseline_uri: str, new_uri: str):
+        new = dsl.importer(artifact_uri=new_uri, artifact_class=Dataset, reimport=False)
+        compare_op(new=new.output, old_uri=baseline_uri, gate=False)
+
+    against(baseline_uri=str(v["a"][0]), new_uri=str(v["b"][0]))
+    (doc_file,) = (tmp_path / "root").glob("*/compare-op/differences")
+    doc = json.loads(doc_file.read_text())
+    assert doc["old"] == str(v["a"][0]) and doc["gate"]["passed"] is False
+    assert doc["counts"]["n_in"]["old"] == doc["counts"]["n_in"]["new"] == N
+    against(baseline_uri="", new_uri=str(v["b"][0]))
+    notes = [json.loads(p.read_text()) for p in (tmp_path / "root").glob("*/compare-op/differences")]
+    assert any(d.get("baseline", "x") is None and d["gate"]["passed"] for d in notes)

@@ -66,10 +66,15 @@ def filter_op(shards: Input[Dataset], filtered: Output[Dataset], metrics: Output
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def compare_op(old: Input[Dataset], new: Input[Dataset], report: Output[HTML], summary: Output[Markdown],
-               differences: Output[Artifact], metrics: Output[Metrics], config_yaml: str = "", gate: bool = True):
+def compare_op(new: Input[Dataset], report: Output[HTML], summary: Output[Markdown], differences: Output[Artifact],
+               metrics: Output[Metrics], old: Input[Dataset] = None, old_uri: str = "", config_yaml: str = "",
+               gate: bool = True):
     """Compare two filter outputs (`fusedit data compare`): HTML report, Markdown summary, the differences
-    as JSON; fails the task when `gate` is set and the configured gate is crossed (after the outputs)."""
+    as JSON; fails the task when `gate` is set and the configured gate is crossed (after the outputs).
+
+    OLD is the `old` artifact or else `old_uri` (a filter output's path or s3:// prefix); with neither
+    (a workflow run without a baseline) the outputs say so and the task passes.
+    """
     import json
     import shutil
     import tempfile
@@ -77,15 +82,22 @@ def compare_op(old: Input[Dataset], new: Input[Dataset], report: Output[HTML], s
     import yaml
 
     from fusedit.components.data.compare import CompareConfig, compare, load_side
-    from fusedit.components.data.compare_report import write_compare
+    from fusedit.components.data.compare_report import write_compare, write_no_baseline
 
     def where(a) -> str:
         return a.uri if a.uri.startswith("s3://") else a.path
 
     cfg = CompareConfig.model_validate(yaml.safe_load(config_yaml) if config_yaml else {})
-    old_side, new_side = load_side(where(old)), load_side(where(new))
+    out = tempfile.mkdtemp(prefix="fusedit-compare-")
+    if old is None and not old_uri:
+        write_no_baseline(out, "old / old_uri")
+        for name, art in (("index.html", report), ("compare.md", summary), ("compare.json", differences)):
+            shutil.copyfile(f"{out}/{name}", art.path)
+        metrics.log_metric("gate_violations", 0.0)
+        return
+    old_side, new_side = load_side(where(old) if old is not None else old_uri), load_side(where(new))
     diff = compare(old_side, new_side, cfg)
-    files = write_compare(diff, old_side, new_side, tempfile.mkdtemp(prefix="fusedit-compare-"))
+    files = write_compare(diff, old_side, new_side, out)
     for key, art in (("html", report), ("markdown", summary), ("json", differences)):
         shutil.copyfile(files[key], art.path)
     for name in ("reject_rate", "duplicate_rate", "decode_failure_rate"):
