@@ -55,14 +55,16 @@ def gpu(tmp_path_factory):
 def test_gpu_variant_tasks_run_in_dvc_order(gpu):
     spec, _ = gpu
     tasks = _tasks(spec)
-    assert {"synth", "shards", "filter", "tiny", "cache", "evaluate"} | {f"train-{s}" for s in STAGES} <= set(tasks)
+    assert {"synth", "shards", "filter", "compare", "tiny", "cache", "evaluate"} | {f"train-{s}" for s in STAGES} \
+        <= set(tasks)
     by_key = {k: t["taskInfo"]["name"] for k, t in spec["root"]["dag"]["tasks"].items()}
 
     def deps(name):
         return {by_key.get(d, d) for d in tasks[name].get("dependentTasks", [])}
 
     assert deps("filter") == {"condition-branches-1"}  # synth, or the imported shards
-    assert deps("cache") == {"filter", "tiny"}
+    assert deps("compare") == {"filter"}
+    assert deps("cache") == {"filter", "compare", "tiny"}  # the data compare's gate comes before the features
     assert "cache" in deps(f"train-{STAGES[0]}")
     for prev, st in zip(STAGES, STAGES[1:], strict=False):
         assert f"train-{prev}" in deps(f"train-{st}")
