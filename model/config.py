@@ -133,7 +133,13 @@ def _resolve(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     if path in seen:
         raise UserError(f"recipe {path}: 'base' forms a cycle")
     base = data.pop("base", None)
-    return _merge(_resolve(base, (*seen, path)), data) if base else data
+    if not base:
+        return data
+    try:
+        inherited = _resolve(base, (*seen, path))
+    except UserError as exc:  # name the file and field at fault, not only the (possibly non-string) value
+        raise UserError(f"recipe {path}: base: {exc}") from None
+    return _merge(inherited, data)
 
 
 def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict:

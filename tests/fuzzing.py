@@ -22,6 +22,25 @@ settings.load_profile(PROFILE)
 FUZZ_CASES: Counter[str] = Counter()  # test node id -> examples it ran
 
 
+def dotted(path) -> str:
+    """A field path as the error lines write it: ('train', 'stages', 0, 'lr') -> 'train.stages.0.lr'."""
+    return ".".join(str(p) for p in path)
+
+
+def assert_names_what_is_wrong(line: str, needles, context=None) -> str:
+    """`line` (a user-error line as shown) is one non-empty line naming at least one of `needles`: the field
+    (dotted path or key), value, option or file at fault. Needles are compared as `one_line` shows them."""
+    from fusedit.errors import one_line
+
+    shown = one_line(line)
+    assert shown and "\n" not in shown and "Traceback" not in shown, (context, line)
+    wanted = sorted({n for n in (one_line(str(x)) for x in needles) if n})
+    assert wanted, f"nothing to look for in {shown!r} ({context})"
+    assert any(n in shown for n in wanted), \
+        f"the error does not name what is wrong: {shown!r} names none of {wanted[:12]} ({context})"
+    return shown
+
+
 def fuzz_examples(n: int) -> int:
     """`n` examples under the ci profile, scaled up under the fuzz profile."""
     return n * FUZZ_SCALE.get(PROFILE, 1)

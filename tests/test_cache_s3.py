@@ -10,10 +10,13 @@ from fusedit.components.shared import storage
 from tests.cache_helpers import SHALLOW, make_shards, same_batch, tiny_recipe
 
 
-def test_s3_round_trip_equals_local(s3_server, tmp_path, tiny_dir):
+def test_s3_round_trip_equals_local(s3_server, tmp_path, tiny_dir, monkeypatch):
     import boto3
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="cache-rt")
+    # configure() replaces the module's options and clears its clients: both restored after this test
+    monkeypatch.setattr(storage, "_options", storage.options())
+    monkeypatch.setattr(storage, "_clients", {})
     storage.configure(retries=1, backoff_s=0.05)
     local_in = make_shards(tmp_path / "in", samples=7, shard_size=3)
     for p in sorted(local_in.glob("*.tar")):

@@ -31,12 +31,14 @@ def s3(s3_endpoint, monkeypatch):
                  "AWS_DEFAULT_REGION": "us-east-1", "FUSEDIT_S3_ENDPOINT": s3_endpoint}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    # this fixture and the tests configure() the storage module: its options and clients restored afterwards
+    monkeypatch.setattr(storage, "_options", storage.options())
+    monkeypatch.setattr(storage, "_clients", {})
     storage.configure(endpoint_url=None, retries=2, backoff_s=0.01)
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     bucket = f"bucket-{len(client.list_buckets()['Buckets'])}"
     client.create_bucket(Bucket=bucket)
     yield client, bucket
-    storage.configure(retries=4, backoff_s=0.5)
 
 
 def test_filter_streams_from_s3_and_publishes_to_s3(s3, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import boto3
 import yaml
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> str:
@@ -36,7 +37,7 @@ def test_shards_push_to_and_pull_from_an_s3_remote(tmp_path, s3_server):
     repo.mkdir()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    stage = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["synth"]
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["synth"]
     cmd = stage["cmd"].replace("${data.synth.samples}", "24").replace("${data.synth.seed}", "0")
     cmd = cmd.replace("${data.synth.shard_size}", "8").replace("${data.synth.bad_fraction}", "0.1")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"synth": {"cmd": cmd, "outs": stage["outs"]}}}))

@@ -3,21 +3,22 @@
 The tar reader must agree with Python's `tarfile` on every well-formed archive (USTAR, GNU long names,
 pax headers, links, devices, directories) and report anything else as a `ShardError`. The filter, fed random
 bytes as images, random text and invalid UTF-8 as captions, random keys (`../x`, absolute paths, control
-characters, non-UTF-8 names) and damaged tars, accounts for every sample: kept in an output shard whose member
-names are safe relative paths, or listed in rejects.jsonl with a known reason.
+characters, non-UTF-8 names) and damaged tars, accounts for every sample: kept in an output shard (exactly once)
+whose member names are safe relative paths, or listed in rejects.jsonl with a known reason.
 """
 from __future__ import annotations
 
 import io
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fusedit.components.data.checks import REASONS
+from fusedit.components.data.checks import REASONS, printable_key
 from fusedit.components.data.filter import filter_shards
 from fusedit.components.data.filter_config import FilterConfig, QualityThresholds
 from fusedit.components.shared.tario import ShardError, iter_members, iter_samples, split_name, unsafe_key
@@ -63,8 +64,40 @@ CAPTIONS = st.one_of(st.text(max_size=60).map(str.encode), st.binary(max_size=40
                          lambda v: v if isinstance(v, bytes) else v.encode()))
 
 
+CLEAN = "\x00clean"  # marks a clean sample until `numbered` makes it (key and image) unique
+
+
+@st.composite
+def clean_samples(draw) -> tuple[str, tuple]:
+    """A sample the filter keeps (once `numbered`): a whole RGB image and a caption, its key and image unique."""
+    fmt = draw(st.sampled_from(["JPEG", "PNG"]))
+    ext = draw(st.sampled_from(["jpg", "image.jpg"] if fmt == "JPEG" else ["png"]))
+    return CLEAN, (draw(st.sampled_from(["", "dir/", "é"])), draw(st.integers(8, 24)), draw(st.integers(8, 24)),
+                   draw(st.integers(0, 255)), fmt, ext,
+                   draw(st.sampled_from(["a red box", "two green circles left of a star", "é ü 漢字"])))
+
+
+def numbered(shards: list[list[tuple[str, object]]]) -> list[list[tuple[str, dict[str, bytes]]]]:
+    out = []
+    for i, items in enumerate(shards):
+        out.append([])
+        for j, (key, members) in enumerate(items):
+            if key == CLEAN:
+                prefix, w, h, grey, fmt, ext, caption = members
+                img = Image.new("RGB", (w, h), (grey, grey, grey))
+                img.putpixel((0, 0), (i * 16, j * 16, 255 - grey))  # no two clean images are the same
+                buf = io.BytesIO()
+                img.save(buf, fmt)
+                key, members = f"{prefix}c{i}-{j}", {ext: buf.getvalue(), "synthetic_caption.txt": caption.encode()}
+            out[-1].append((key, members))
+    return out
+
+
 @st.composite
 def samples(draw) -> tuple[str, dict[str, bytes]]:
+    """Mostly hostile (random keys, images, captions); a third clean, so that samples are kept too."""
+    if draw(st.integers(0, 2)) == 0:
+        return draw(clean_samples())
     key = draw(KEYS)
     members: dict[str, bytes] = {}
     if draw(st.integers(0, 9)) > 0:
@@ -93,16 +126,31 @@ def raw_tar(entries: list[tuple[str, bytes, bytes]], fmt: int) -> bytes:
     return buf.getvalue()
 
 
-def expected_samples(items: list[tuple[str, dict[str, bytes]]]) -> int:
-    """Sample count by the WebDataset rule: consecutive members with one key form a sample until a field repeats."""
-    n, key, fields = 0, None, set()
-    for k, members in items:
-        for ext in members:
-            mk, me = split_name(f"{k}.{ext}".split("\x00", 1)[0])  # a tar name ends at its first NUL
-            if mk != key or me in fields:
-                n, key, fields = n + 1, mk, set()
-            fields.add(me)
-    return n
+def sample_keys(names: list[str]) -> list[str]:
+    """The key of each sample in a shard with these member names, in order (a sample's index in the shard is
+    its position): consecutive members with one key form a sample until a field repeats (WebDataset)."""
+    keys, key, fields = [], None, set()
+    for name in names:
+        mk, me = split_name(name.split("\x00", 1)[0])  # a tar name ends at its first NUL
+        if mk != key or me in fields:
+            keys.append(mk)
+            key, fields = mk, set()
+        fields.add(me)
+    return keys
+
+
+def input_keys(items: list[tuple[str, dict[str, bytes]]]) -> list[str]:
+    return sample_keys([f"{k}.{ext}" for k, members in items for ext in members])
+
+
+def output_keys(blob: bytes) -> list[str]:
+    """The sample keys of an output shard, checking that every member is a file with a safe relative name."""
+    with tarfile.open(fileobj=io.BytesIO(blob), encoding="utf-8", errors="surrogateescape") as t:
+        members = t.getmembers()
+    for m in members:
+        assert m.isreg() and unsafe_key(m.name) is None, m.name
+        assert not Path(m.name).is_absolute() and ".." not in Path(m.name).parts, m.name
+    return sample_keys([m.name for m in members])
 
 
 def sample_tar(items: list[tuple[str, dict[str, bytes]]], fmt: int) -> bytes:
@@ -173,11 +221,13 @@ def test_reader_agrees_with_tarfile_and_reports_damage(entries, fmt, data):
 
 # ---------------------------------------------------------------- the filter
 
-def _run_filter(root: Path, shards: list[bytes]) -> tuple[dict, list[dict], list[bytes]]:
+def _run_filter(root: Path, shards: list[bytes]) -> tuple[list[str], dict, list[dict], list[bytes]]:
     src = root / "in"
     src.mkdir()
+    uris = []
     for i, blob in enumerate(shards):
         (src / f"s-{i:03d}.tar").write_bytes(blob)
+        uris.append(str(src / f"s-{i:03d}.tar"))
     cfg = FilterConfig(input=str(src), output=str(root / "out"), min_side=4, workers=1, report=False,
                        dedupe_near=False, max_member_bytes=4096, samples_per_shard=5,
                        quality=QualityThresholds(max_reject_rate=1, max_duplicate_rate=1, max_decode_failure_rate=1))
@@ -187,33 +237,52 @@ def _run_filter(root: Path, shards: list[bytes]) -> tuple[dict, list[dict], list
     metrics = json.loads((out / "metrics.json").read_text())
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
     tars = [p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))]
-    return metrics, rejects, tars
+    return uris, metrics, rejects, tars
 
 
 @settings(max_examples=fuzz_examples(40), suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(st.lists(st.lists(samples(), min_size=1, max_size=4), min_size=1, max_size=3), FORMATS, st.data())
+@given(st.lists(st.lists(samples(), min_size=1, max_size=4), min_size=1, max_size=3).map(numbered), FORMATS,
+       st.data())
 def test_filter_keeps_or_rejects_every_sample_with_a_reason(tmp_path_factory, shards, fmt, data):
+    """Every sample read is in the output exactly once or in rejects.jsonl with a reason: none lost, none twice.
+
+    Samples of an intact shard are known exactly (key and index); those of a damaged one are counted only."""
     fuzz_case()
     blobs = [data.draw(damaged(sample_tar(items, fmt))) if data.draw(st.integers(0, 3)) == 0
              else sample_tar(items, fmt) for items in shards]
     intact = [b == sample_tar(items, fmt) for b, items in zip(blobs, shards, strict=True)]
-    metrics, rejects, tars = _run_filter(tmp_path_factory.mktemp("f"), blobs)
+    uris, metrics, rejects, tars = _run_filter(tmp_path_factory.mktemp("f"), blobs)
 
     assert metrics["n_in"] == metrics["n_kept"] + metrics["n_rejected"]
     sample_rejects = [r for r in rejects if r["reason"] != "bad_shard"]
     assert len(sample_rejects) == metrics["n_rejected"]
     assert all(r["reason"] in REASONS and r["detail"] for r in sample_rejects)
     assert sum(r["reason"] == "bad_shard" for r in rejects) == metrics["n_bad_shards"] <= intact.count(False)
-    if all(intact):  # every written sample is counted exactly once
-        assert metrics["n_in"] == sum(expected_samples(items) for items in shards)
+    rejected = {(r["shard"], r["index"]): r for r in sample_rejects}
+    assert len(rejected) == len(sample_rejects), "a sample rejected twice"
+    assert all(r["shard"] in uris and isinstance(r["index"], int) for r in sample_rejects)
 
-    kept_keys = []
-    for blob in tars:
-        with tarfile.open(fileobj=io.BytesIO(blob)) as t:
-            for m in t.getmembers():
-                assert m.isreg() and unsafe_key(m.name) is None, m.name
-                kept_keys.append(m.name.split(".")[0])
-                assert not Path(m.name).is_absolute() and ".." not in Path(m.name).parts
-    assert len(set(kept_keys)) <= metrics["n_kept"] and (metrics["n_kept"] == 0) == (not kept_keys)
+    # an intact shard's samples: each one rejected (under its own key) or kept
+    kept, n_intact = [], 0
+    for uri, items, ok in zip(uris, shards, intact, strict=True):
+        if not ok:
+            continue
+        keys = input_keys(items)
+        n_intact += len(keys)
+        assert all(i < len(keys) for s, i in rejected if s == uri), "a reject that names no sample of the shard"
+        for index, key in enumerate(keys):
+            if (uri, index) in rejected:
+                assert rejected[uri, index]["key"] == printable_key(key), (uri, index)
+            else:
+                kept.append(key)
+    if all(intact):
+        assert metrics["n_in"] == n_intact
+
+    out = [key for blob in tars for key in output_keys(blob)]
+    assert len(out) == metrics["n_kept"], f"{metrics['n_kept']} kept, {len(out)} samples in the output"
+    lost = Counter(kept) - Counter(out)
+    assert not lost, f"kept samples missing from the output: {sorted(lost.elements())}"
+    if all(intact):  # and nothing else: no sample twice, none made up
+        assert Counter(out) == Counter(kept)
     unsafe = [r for r in sample_rejects if r["reason"] == "unsafe_key"]
     assert all(r["key"] is not None for r in unsafe)

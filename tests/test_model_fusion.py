@@ -118,15 +118,19 @@ def test_flow_objective_matches_definition():
 @pytest.mark.parametrize("name", ["fusedit/baseline", "fusedit/1d-rope", "fusedit/large-scale", "fusedit/m-rope",
                                   "baselinedit/cross-attention", "fusedit/adaln-single", "fusedit/addition"])
 def test_forward_keeps_every_tensor_on_the_input_device(name, tiny_dir):
-    """Run on the meta device: any tensor made on the CPU by default (a GPU-only bug) fails here."""
+    """Weights and inputs on the meta device, built and run OUTSIDE a `torch.device` context: a tensor the model
+    makes on the CPU by default (a GPU-only bug: `torch.zeros(n)` without `device=`) meets meta tensors and
+    fails. Under `with torch.device("meta")` such a call would silently be made on meta and pass."""
     from fusedit.model.text import TextContext
 
     _, dit, enc = build(name, tiny_dir)
     ctx = enc.encode(CAPTIONS)
-    with torch.device("meta"):
-        meta = FuseDiTTransformer(dict(dit.config)["arch"], dict(dit.config)["text"])
-        text = TextContext(mask=ctx.mask.to("meta"), kv=tuple((k.to("meta"), v.to("meta")) for k, v in ctx.kv),
-                           states=None if ctx.states is None else ctx.states.to("meta"),
-                           pooled=None if ctx.pooled is None else ctx.pooled.to("meta"))
-        out = meta(torch.randn(3, 3, 8, 8), torch.full((3,), 10.0), text)
-    assert out.device.type == "meta" and out.shape == (3, 3, 8, 8)
+    device = torch.device("meta")  # not the CPU, on every machine
+    dit = dit.to(device)
+    assert all(t.device == device for t in [*dit.parameters(), *dit.buffers()])
+    text = TextContext(mask=ctx.mask.to(device), kv=tuple((k.to(device), v.to(device)) for k, v in ctx.kv),
+                       states=None if ctx.states is None else ctx.states.to(device),
+                       pooled=None if ctx.pooled is None else ctx.pooled.to(device))
+    assert torch.get_default_device().type == "cpu"  # nothing moves device-less factory calls off the CPU
+    out = dit(torch.randn(3, 3, 8, 8, device=device), torch.full((3,), 10.0, device=device), text)
+    assert out.device == device and out.shape == (3, 3, 8, 8)

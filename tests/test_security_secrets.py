@@ -27,6 +27,7 @@ from fusedit.pipelines.workflow import SECRET_KEYS
 from tests.test_workflow_kfp import _KFP
 
 FUSEDIT = str(Path(sys.executable).parent / "fusedit")
+ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {
     "AWS_ACCESS_KEY_ID": "FDTACCESSKEYQ7ZX9W2M",
     "AWS_SECRET_ACCESS_KEY": "fdt-secret-9f3Kq2LmXv7pR4tWz8sYb1NcDe6Hj0Ua",
@@ -124,7 +125,7 @@ def test_compiled_pipeline_takes_storage_credentials_from_a_secret_by_name(tmp_p
     """The pipeline YAML names the Secret and its keys; no value is (or can be) compiled in."""
     from fusedit.pipelines.workflow import Options, compile_workflow
 
-    out = compile_workflow(str(tmp_path / "wf.yaml"), Options(secret="team-storage"))
+    out = compile_workflow(str(tmp_path / "wf.yaml"), Options(secret="team-storage", params=str(ROOT / "params.yaml")))
     spec, platform = yaml.safe_load_all(Path(out).read_text())
     execs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     uses = [e for e in execs.values() if "secretAsEnv" in e]

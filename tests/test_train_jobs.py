@@ -22,6 +22,7 @@ from tests.k8s_api import K8sStandIn
 from tests.test_train import _losses
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 POD_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 GPU_POOL = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
 TPU_POOL = {jobs.TPU_ACCELERATOR_LABEL: "tpu-v5p-slice", jobs.TPU_TOPOLOGY_LABEL: "2x2x2"}
@@ -166,7 +167,8 @@ def executor_name(task: dict) -> str:
 def test_multi_node_workflow_compiles_to_job_launching_tasks(tmp_path, variant, kind):
     from fusedit.pipelines.workflow import Options, compile_workflow
 
-    path = compile_workflow(str(tmp_path / "p.yaml"), Options(variant=variant, nodes=4))
+    opts = Options(variant=variant, nodes=4, params=str(ROOT / "params.yaml"))  # not the working directory's
+    path = compile_workflow(str(tmp_path / "p.yaml"), opts)
     spec, platform = yaml.safe_load_all(Path(path).read_text())
     dag = spec["root"]["dag"]["tasks"]
     train = {k: v for k, v in dag.items() if k.startswith("train-job-op")}

@@ -21,11 +21,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from fusedit.components.shared import storage
 from fusedit.components.data.checks import DECODE_REASONS, EMPTY_ROW, REASONS, judge
 from fusedit.components.data.dedupe import mark_duplicates
 from fusedit.components.data.examples import ShardPicker, image_reader, pick_examples
 from fusedit.components.data.filter_config import FilterConfig
+from fusedit.components.shared import storage
 from fusedit.components.shared.tario import Sample, ShardError, TarSink, iter_samples
 from fusedit.errors import UserError
 

@@ -19,7 +19,6 @@ from typing import Any
 from PIL import Image
 
 from fusedit.components.data import scenes
-
 from fusedit.components.shared import storage
 
 # defect -> reject reason the filter must give (None: the filter repairs it and keeps the sample)

@@ -89,4 +89,6 @@ def load_train_params(path: str | Path, section: str = "train") -> TrainParams:
         if not isinstance(data, dict) or part not in data:
             raise UserError(f"{p}: no '{section}' section")
         data = data[part]
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: section '{section}' must be a mapping")
     return TrainParams.model_validate(data)
