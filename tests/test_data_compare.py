@@ -259,10 +259,12 @@ def test_kfp_local_compare_op_with_a_baseline_uri_or_none(versions, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
 
-    @dsl.pipeline
-    def against(baseline_uri: str, new_uri: str):
+    def pipeline(baseline_uri, new_uri):
         new = dsl.importer(artifact_uri=new_uri, artifact_class=Dataset, reimport=False)
         compare_op(new=new.output, old_uri=baseline_uri, gate=False)
+
+    pipeline.__annotations__ = {"baseline_uri": str, "new_uri": str}  # types, not this module's postponed strings
+    against = dsl.pipeline(pipeline)
 
     against(baseline_uri=str(v["a"][0]), new_uri=str(v["b"][0]))
     (doc_file,) = (tmp_path / "root").glob("*/compare-op/differences")
