@@ -1,8 +1,8 @@
 """Where a KFP task runs: its accelerators, its node pool, its /dev/shm, and (training) its retries.
 
-The one constructor every pipeline places its tasks with (`place`), and the pools' defaults. A standalone step
-pipeline only requests its accelerators; the workflow and ablation pipelines also pin cache, training and
-evaluation to the pool their `node_selector` / `tolerations` run parameters name. A training task is retried
+The one constructor every pipeline places its tasks with (`place`), and the pools' defaults. Every pipeline (the
+workflow, the ablation and the standalone cache, train and evaluate ones) pins its cache, training and
+evaluation tasks to the pool its `node_selector` / `tolerations` run parameters name. A training task is retried
 with backoff and never cached: a retry resumes from the last checkpoint, which a cache hit would skip.
 (The pods of a multi-node training job are placed by the job's template: components/train/jobs.py.)
 """

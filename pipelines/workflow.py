@@ -1,6 +1,6 @@
 """The whole workflow as ONE KFP v2 pipeline: the DVC DAG (synth -> filter -> tiny -> cache -> train -> evaluate).
 
-Every step is the component its own step folder defines (components/<step>/component.py: data, cache, train,
+Every step is the component its own step folder defines (components/<step>/component.py: data, tiny, cache, train,
 evaluate); this module only wires them and places them on the cluster (pipelines/placement.py). What is fixed
 when compiling: the variant (`gpu` or `tpu`), the images (a tag or a digest), the stage list (the DAG's shape),
 each step's CPU and memory requests (pipelines/resources.py) and the defaults read from params.yaml. What is a
@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfp import dsl, kubernetes
-from kfp.dsl import Dataset, Model, Output
+from kfp.dsl import Dataset
 
 from fusedit.components.cache.component import cache_op
 from fusedit.components.data.component import compare_op, filter_op, synth_op
 from fusedit.components.evaluate.component import evaluate_op
 from fusedit.components.shared.image import IMAGE, TPU_IMAGE
+from fusedit.components.tiny.component import tiny_op
 from fusedit.components.train.component import train_job_op, train_op
 from fusedit.components.train.config import TrainParams
 from fusedit.errors import UserError, read_yaml
@@ -44,27 +45,6 @@ VARIANTS = ("gpu", "tpu")
 SOURCES = ("either", "synth", "uri")
 # Keys of the storage Secret (k8s/base/secret-storage.template.yaml), each exposed as the env var of its name.
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FUSEDIT_S3_ENDPOINT")
-
-
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def tiny_op(tiny: Output[Model], recipe: str, overrides: list = []) -> list:  # noqa: B006
-    """The DVC `tiny` stage: for the tiny recipe, write the tiny LLM and point `model.llm` at it.
-
-    Returns the recipe overrides every model-loading task uses; other recipes (or an explicit model.llm)
-    pass through unchanged.
-    """
-    from pathlib import Path
-
-    out = list(overrides)
-    if recipe == "tiny" and not any(o.startswith("model.llm=") for o in out):
-        from fusedit.model.tiny import write_tiny
-
-        write_tiny(Path(tiny.path), "tiny-gemma", seed=0)
-        out.append(f"model.llm={Path(tiny.path) / 'llm'}")
-    else:
-        Path(tiny.path).mkdir(parents=True, exist_ok=True)
-    tiny.metadata.update({"recipe": recipe})
-    return out
 
 
 @dataclass

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from kfp import dsl
 
+from fusedit.components.ablate.component import ablation_report_op, run_result_op
 from fusedit.components.ablate.spec import load_spec, runs
-from fusedit.pipelines.ablation import ablation_report_op, run_result_op
 from tests.test_ablate_report import GRID, make_run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Fingerprint mismatches are refused by name; bad input fails clearly and leaves no complete-looking cache."""
+"""Feature-identity mismatches are refused by name; bad input fails clearly and leaves no complete-looking cache."""
 from __future__ import annotations
 
 import shutil
@@ -9,7 +9,7 @@ import pytest
 
 from fusedit.components.cache.build import build_cache
 from fusedit.components.cache.cli import parse_bytes
-from fusedit.components.cache.format import FingerprintMismatch, check_fingerprint, read_manifest
+from fusedit.components.cache.format import FeatureIdentityMismatch, check_feature_identity, read_manifest
 from fusedit.components.cache.reader import open_features
 from fusedit.components.shared.tario import TarSink
 from fusedit.errors import UserError
@@ -32,7 +32,7 @@ def built(tmp_path_factory, tiny_dir):
 ])
 def test_changed_recipe_is_refused_naming_the_field(built, tiny_dir, field, change):
     recipe = tiny_recipe(SHALLOW, tiny_dir, **change)
-    with pytest.raises(FingerprintMismatch, match=f"field '{field}' differs"):
+    with pytest.raises(FeatureIdentityMismatch, match=f"field '{field}' differs"):
         open_features(recipe, str(built / "cache"), batch_size=2, seed=0)
 
 
@@ -40,13 +40,13 @@ def test_changed_llm_weights_are_refused_but_a_moved_copy_is_accepted(built, tin
     moved = tmp_path / "moved"
     shutil.copytree(tiny_dir / "gemma", moved)
     manifest = read_manifest(str(built / "cache"))
-    check_fingerprint(manifest, tiny_recipe(SHALLOW, tiny_dir, **{"model.llm": str(moved)}))  # same bytes
+    check_feature_identity(manifest, tiny_recipe(SHALLOW, tiny_dir, **{"model.llm": str(moved)}))  # same bytes
     tiny.build_llm(moved, "tiny-gemma", vocab_size=512, seed=1)  # same shapes, other weights
-    with pytest.raises(FingerprintMismatch, match="field 'llm_weights' differs"):
+    with pytest.raises(FeatureIdentityMismatch, match="field 'llm_weights' differs"):
         open_features(tiny_recipe(SHALLOW, tiny_dir, **{"model.llm": str(moved)}), str(built / "cache"),
                       batch_size=2, seed=0)
-    with pytest.raises(FingerprintMismatch, match="field 'dtype' differs"):
-        check_fingerprint(manifest, tiny_recipe(SHALLOW, tiny_dir), dtype="fp32")
+    with pytest.raises(FeatureIdentityMismatch, match="field 'dtype' differs"):
+        check_feature_identity(manifest, tiny_recipe(SHALLOW, tiny_dir), dtype="fp32")
 
 
 def test_rebuild_with_same_inputs_is_reused(built, tiny_dir):

@@ -13,7 +13,7 @@ from tests.cache_helpers import SHALLOW, make_shards, recipe_overrides
 
 
 def test_compiled_pipeline_requests_a_gpu(tmp_path):
-    spec = yaml.safe_load(open(compile_pipeline(str(tmp_path))))
+    spec = next(yaml.safe_load_all(open(compile_pipeline(str(tmp_path)))))  # then its Kubernetes placement
     resources = [e["container"].get("resources", {}) for e in spec["deploymentSpec"]["executors"].values()
                  if "container" in e]
     assert any(r.get("accelerator", {}).get("resourceType") == GPU and r["accelerator"]["resourceCount"] == "1"

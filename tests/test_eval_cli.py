@@ -112,7 +112,7 @@ def test_kfp_component_requests_a_gpu_and_runs_locally(tmp_path, pipe_dir):
     from fusedit.pipelines.evaluate import compile_pipeline
     from fusedit.pipelines.placement import GPU
 
-    spec = yaml.safe_load(open(compile_pipeline(str(tmp_path))))
+    spec = next(yaml.safe_load_all(open(compile_pipeline(str(tmp_path)))))  # then its Kubernetes placement
     resources = [e["container"].get("resources", {}) for e in spec["deploymentSpec"]["executors"].values()
                  if "container" in e]
     assert any(r.get("accelerator", {}).get("resourceType") == GPU for r in resources)

@@ -2,7 +2,7 @@
 
 Read from the source (every import statement, those inside functions included), not by importing it:
 a module may import its own layer and the layers below, never one above, and nothing imports the CLI
-except the CLI. Within components/, a step package (data, cache, train, evaluate, ablate) imports another
+except the CLI. Within components/, a step package (data, tiny, cache, train, evaluate, ablate) imports another
 step only through the modules that step lists in its `PUBLIC` (the trainer reads the cache through
 `cache.reader`, never its builder), and components/shared imports no step at all.
 """
@@ -115,9 +115,33 @@ def test_imports_flow_one_way():
 
 def test_steps_import_each_other_only_through_public_modules():
     files = project_files()
-    assert set(steps()) == {f"{COMPONENTS}.{s}" for s in ("data", "cache", "train", "evaluate", "ablate")}
+    assert set(steps()) == {f"{COMPONENTS}.{s}" for s in ("data", "tiny", "cache", "train", "evaluate",
+                                                                          "ablate")}
     assert steps()[f"{COMPONENTS}.cache"] == ("reader",)
     assert not step_violations(files), "\n".join(step_violations(files))
+
+
+def component_definitions(path: Path) -> list[str]:
+    """Functions `path` decorates with `dsl.component` / `dsl.container_component` (read from the source)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef):
+            for d in node.decorator_list:
+                target = d.func if isinstance(d, ast.Call) else d
+                if getattr(target, "attr", getattr(target, "id", "")) in ("component", "container_component"):
+                    out.append(node.name)
+    return out
+
+
+def test_pipelines_only_wire_the_steps_components():
+    """Every KFP component is defined in its step's folder (components/<step>/component.py); pipelines/ only wires
+    them (issue 16: one folder per containerized step)."""
+    defined = {p.relative_to(ROOT).as_posix(): component_definitions(p) for p in project_files()}
+    assert not {p: n for p, n in defined.items() if n and not p.startswith("components/")}
+    assert {p for p, n in defined.items() if n} == {f"components/{s}/component.py" for s in
+                                                   ("data", "tiny", "cache", "train", "evaluate", "ablate")}
+    names = {n for ns in defined.values() for n in ns}
+    assert {"tiny_op", "run_paths_op", "run_result_op", "ablation_report_op"} <= names
 
 
 def test_a_backwards_import_is_caught(tmp_path):

@@ -216,6 +216,43 @@ def test_a_stage_that_trains_the_llm_reads_captions_from_a_cache(tmp_path, cache
     assert _losses(tmp_path / "cache") == pytest.approx(_losses(tmp_path / "shards"), rel=1e-5)
 
 
+def test_a_stage_that_trains_the_llm_never_decodes_the_cached_text(tmp_path, cache, monkeypatch):
+    """trains: dit+llm on a feature cache neither decodes nor pads the cached text K/V (the LLM computes the text
+    each step); the dit-only stage on the same cache reads and pads them every step. Both get the same images."""
+    import safetensors.torch
+
+    from fusedit.components.cache import reader
+    from fusedit.components.cache.reader import open_features
+
+    recipe, data = cache
+    decoded: list[set[str]] = []
+    padded: list[int] = []
+    load, pad = safetensors.torch.load, reader.text_from_tensors
+    monkeypatch.setattr(safetensors.torch, "load", lambda b: decoded.append(set(t := load(b))) or t)
+    monkeypatch.setattr(reader, "text_from_tensors", lambda items, *a, **k: padded.append(len(items)) or
+                        pad(items, *a, **k))
+    text_keys = {"states", "pooled", "k0", "v0"}
+
+    train(recipe, "base", str(data), str(tmp_path / "joint"),
+          _params(tmp_path, steps=2, trains="dit+llm", llm_lr=1e-3, compile="none"))
+    samples = [k for k in decoded if k & {"mean", "logvar", "pixels"}]
+    assert len(samples) >= 8 and not any(k & text_keys for k in samples), decoded
+    assert padded == [1]  # the empty caption's features (uncond), once when the cache is opened; no batch
+
+    decoded.clear(), padded.clear()
+    train(recipe, "base", str(data), str(tmp_path / "dit"), _params(tmp_path, steps=2, compile="none"))
+    samples = [k for k in decoded if k & {"mean", "logvar", "pixels"}]
+    assert len(samples) >= 8 and all(k & text_keys for k in samples)
+    assert padded.count(4) >= 2  # every step's batch
+
+    def first(text):
+        return next(open_features(recipe, str(data), text=text, batch_size=4, seed=1).batches())
+
+    with_text, without = first(True), first(False)
+    assert without.text is None and with_text.text is not None and without.keys == with_text.keys
+    assert torch.equal(without.mean, with_text.mean) and torch.equal(without.logvar, with_text.logvar)
+
+
 def test_fp8_stage_option_keeps_parameter_names_and_without_fp8_hardware_the_numbers(tmp_path, cache, caplog):
     from safetensors.torch import load_file
 

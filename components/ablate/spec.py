@@ -354,7 +354,7 @@ def run_params(run: Run) -> dict[str, Any]:
             "train.seed": run.seed}
 
 
-# ModelConfig fields the cache fingerprint (components/cache_format.fingerprint) hashes or compares as they are;
+# ModelConfig fields the cache feature identity (components/cache/format.py: feature_identity) hashes or compares as-is;
 # the others reach it only through the text features the DiT reads (TextSpec)
 FROZEN_INPUTS = ("llm", "tokenizer", "text_modulation", "vae", "vae_subfolder", "resolution")
 SHAPE_LLM = "google/gemma-2b"  # a preset: any LLM config tells whether an override changes the TextSpec
@@ -363,7 +363,7 @@ SHAPE_LLM = "google/gemma-2b"  # a preset: any LLM config tells whether an overr
 def cache_overrides(recipe: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The model overrides that change the run's feature cache. The rest (timestep conditioning, positions,
     norms, width) leave it the recipe's own, so DVC's run cache hands the variant the cache already built.
-    Erring towards "changes it" only costs a rebuild; training refuses a cache whose fingerprint differs."""
+    Erring towards "changes it" only costs a rebuild; training refuses a cache whose feature identity differs."""
     from fusedit.model.config import load_recipe, resolve
     from fusedit.model.presets import llm_config
 

@@ -27,8 +27,8 @@ from fusedit.components.cache.format import (
     META_EXT,
     UNCOND,
     as_recipe,
-    fingerprint,
-    fingerprint_digest,
+    feature_identity,
+    identity_digest,
     sources,
     text_spec,
     text_tensors,
@@ -36,14 +36,15 @@ from fusedit.components.cache.format import (
 from fusedit.components.cache.frozen import ImageEncoder, load_text_encoder, preprocess
 from fusedit.components.shared import storage
 from fusedit.components.shared.device import pick_device
-from fusedit.components.shared.shards import caption_of, count_samples, image_member, input_shards, read_samples
+from fusedit.components.shared.shards import caption_of, image_member, input_shards, read_samples, shard_counts
 from fusedit.components.shared.tario import Sample, TarSink
 from fusedit.errors import UserError
 from fusedit.model.config import Recipe
 from fusedit.model.text import llm_config_for, load_tokenizer
 
 log = logging.getLogger(__name__)
-ESTIMATE_SAMPLES = 256
+# bytes assumed for a sample's meta.json in the size estimate (captions, scene, source; ~1.2 KB for synth data)
+META_ALLOWANCE = 4096
 
 
 class BuildResult(BaseModel):
@@ -84,23 +85,15 @@ def _meta(sample: Sample, caption: str, n_tokens: int, uri: str) -> dict[str, An
             "scene": json.loads(scene) if scene else None, "source": {"shard": uri, "index": sample.index}}
 
 
-def _estimate(recipe: Recipe, shards: list[str], caption: str, dtype: str) -> dict[str, float]:
+def _estimate(recipe: Recipe, dtype: str) -> dict[str, float]:
+    """Bytes per stored sample from the recipe's shapes alone (no shard is read): text features at the most
+    tokens the encoder keeps (max_prompt_length + the instruction's), so real captions, stored unpadded,
+    take less; the image tensor; and META_ALLOWANCE for the sample's meta record."""
     tok = load_tokenizer(recipe.model.tokenizer or recipe.model.llm)
     spec = text_spec(recipe)
     limit = spec.max_length + (len(tok(spec.instruction, add_special_tokens=False).input_ids)
                                if spec.instruction else 0)
-    tokens, metas = [], []
-    for uri in shards:
-        for s in read_samples(uri):
-            cap = caption_of(s, uri, caption)
-            n = min(limit, len(tok(spec.instruction + cap).input_ids))
-            tokens.append(n)
-            metas.append(len(json.dumps(_meta(s, cap, n, uri))))
-            if len(tokens) >= ESTIMATE_SAMPLES:
-                break
-        if len(tokens) >= ESTIMATE_SAMPLES:
-            break
-    return bytes_per_sample(recipe, dtype, sum(tokens) / len(tokens), sum(metas) / len(metas))
+    return {**bytes_per_sample(recipe, dtype, limit, META_ALLOWANCE), "tokens": limit}
 
 
 def human(n: float) -> str:
@@ -202,16 +195,19 @@ def _reusable(old: dict | None, digest: str, inputs: list[list]) -> bool:
     return bool(old) and old.get("digest") == digest and old.get("inputs") == inputs
 
 
-def _project(recipe: Recipe, input: str, shards: list[str], caption: str, dtype: str, max_bytes: int | None,
+def _project(recipe: Recipe, input: str, shards: list[str], dtype: str, max_bytes: int | None,
              echo: Callable[[str], None]) -> tuple[int, dict[str, float]]:
-    """(samples in the input, estimated bytes per sample); refuses a cache over max_bytes before writing."""
-    total = sum(count_samples(u) for u in shards)
+    """(samples in the input, estimated bytes per sample); refuses a cache over max_bytes before writing.
+
+    Sample counts come from the filter's manifest where it has them; the estimate reads no shard."""
+    total = sum(shard_counts(shards))
     if total == 0:
         raise UserError(f"input {input!r} holds no samples ({len(shards)} empty shard(s))")
-    est = _estimate(recipe, shards, caption, dtype)
+    est = _estimate(recipe, dtype)
     projected = est["total"] * total
-    echo(f"cache: {human(est['total'])}/sample (image {human(est['image'])}, text {human(est['text'])}, "
-         f"{human(est['per_token'])}/token, {dtype}) x {total} samples = projected {human(projected)}")
+    echo(f"cache: at most {human(est['total'])}/sample (image {human(est['image'])}, text {human(est['text'])}: "
+         f"{est['tokens']:.0f} tokens x {human(est['per_token'])}/token, {dtype}) x {total} samples "
+         f"= projected {human(projected)}")
     if max_bytes is not None and projected > max_bytes:
         raise UserError(f"projected cache size {human(projected)} ({projected:.0f} bytes: {human(est['total'])}"
                         f"/sample x {total} samples) exceeds --max-bytes {human(max_bytes)}; nothing written")
@@ -240,12 +236,12 @@ def _encode_shards(enc: _Encoders, shards: list[str], identities: list, output: 
     return records, reused, done_before
 
 
-def _manifest(recipe: Recipe, fp: dict[str, Any], digest: str, dtype: str, inputs: list[list],
+def _manifest(recipe: Recipe, feature_id: dict[str, Any], digest: str, dtype: str, inputs: list[list],
               records: list[dict[str, Any]], est: dict[str, float], enc: _Encoders) -> dict[str, Any]:
     n = sum(r["n"] for r in records)
     n_bytes = sum(r["bytes"] for r in records)
     return {
-        "kind": KIND, "digest": digest, "fingerprint": fp, "dtype": dtype, "sources": sources(recipe),
+        "kind": KIND, "digest": digest, "feature_identity": feature_id, "dtype": dtype, "sources": sources(recipe),
         "inputs": inputs, "shards": [{"name": r["name"], "n": r["n"], "bytes": r["bytes"]} for r in records],
         "uncond": UNCOND, "n_samples": n, "bytes": n_bytes, "bytes_per_sample": n_bytes / n,
         "estimated_bytes_per_sample": est["total"], "mean_tokens": sum(r["tokens"] for r in records) / n,
@@ -271,8 +267,8 @@ def build_cache(input: str, output: str, recipe: Recipe | str, overrides: list[s
     shards = input_shards(input)
     if not shards:
         raise UserError(f"no shards in input {input!r}")
-    fp = fingerprint(recipe)  # a missing LLM/tokenizer/VAE fails here, before anything is written
-    digest = fingerprint_digest(fp, dtype)
+    feature_id = feature_identity(recipe)  # a missing LLM/tokenizer/VAE fails here, before anything is written
+    digest = identity_digest(feature_id, dtype)
     identities = [storage.stat(u) for u in shards]
     inputs = [[u, i] for u, i in zip(shards, identities, strict=True)]
     manifest_uri = storage.join(output, MANIFEST)
@@ -281,7 +277,7 @@ def build_cache(input: str, output: str, recipe: Recipe | str, overrides: list[s
         echo(f"cache: {output} already holds this cache; nothing to do")
         return BuildResult(output=output, n_samples=old["n_samples"], n_shards=len(old["shards"]),
                            bytes=old["bytes"], bytes_per_sample=old["bytes_per_sample"], reused=True)
-    total, est = _project(recipe, input, shards, caption, dtype, max_bytes, echo)
+    total, est = _project(recipe, input, shards, dtype, max_bytes, echo)
     if old is not None:
         storage.remove(manifest_uri)  # from here on the old cache no longer looks complete
     _clean_partials(output)
@@ -296,7 +292,7 @@ def build_cache(input: str, output: str, recipe: Recipe | str, overrides: list[s
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    manifest = _manifest(recipe, fp, digest, dtype, inputs, records, est, enc)
+    manifest = _manifest(recipe, feature_id, digest, dtype, inputs, records, est, enc)
     storage.write_json(manifest_uri, manifest)
     n, n_bytes = manifest["n_samples"], manifest["bytes"]
     rate = (n - done_before) / seconds if seconds > 0 else 0.0

@@ -1,8 +1,10 @@
-"""The cache's on-disk format and its fingerprint.
+"""The cache's on-disk format and its feature identity.
 
 A cache is only valid for the exact frozen models and preprocessing that made it, so the manifest
-records a fingerprint of everything that decides the features (weights by content hash, not by path,
-so a moved checkpoint still matches) and the trainer refuses a cache whose fingerprint differs.
+records its feature identity (`feature_identity`): every input that decides the features, as comparable
+fields (weights by content hash, not by path, so a moved checkpoint still matches). The trainer
+refuses a cache whose identity differs, naming the field. Caches written before the rename keep
+the same dict under the manifest key `fingerprint`; it is still read.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 _hash_memo: dict[tuple, str] = {}
 
 
-class FingerprintMismatch(UserError):
+class FeatureIdentityMismatch(UserError):
     """The cache was built for other frozen models or preprocessing than the recipe asks for."""
 
 
@@ -58,7 +60,7 @@ def hash_files(root: Path | None, names: tuple[str, ...] | None = None, suffixes
     files = sorted(p for p in root.rglob("*") if p.is_file() and (
         (names is not None and p.name in names) or p.suffix in suffixes))
     if not files:
-        raise UserError(f"{root}: no {'/'.join(names or suffixes)} files to fingerprint")
+        raise UserError(f"{root}: no {'/'.join(names or suffixes)} files to hash")
     h = hashlib.sha256()
     for p in files:
         st = p.stat()
@@ -74,12 +76,12 @@ def text_spec(recipe: Recipe) -> TextSpec:
     return resolve(recipe.model, llm_config_for(recipe.model.llm))[1]
 
 
-def fingerprint(recipe: Recipe) -> dict[str, Any]:
+def feature_identity(recipe: Recipe) -> dict[str, Any]:
     """Every input that decides the cached features, as flat comparable fields."""
     m = recipe.model
     spec = text_spec(recipe)  # raises a clear UserError for a missing LLM path
     weights = (".safetensors", ".bin")
-    fp: dict[str, Any] = {
+    ident: dict[str, Any] = {
         "format": FORMAT,
         "llm_weights": hash_files(local_dir(m.llm), ("config.json",), weights),
         "tokenizer": hash_files(local_dir(m.tokenizer or m.llm), _TOKENIZER_FILES),
@@ -89,10 +91,10 @@ def fingerprint(recipe: Recipe) -> dict[str, Any]:
     }
     if m.text_modulation:
         t = m.text_modulation
-        fp["pooled"] = hash_files(local_dir(t.encoder), ("config.json",) + _TOKENIZER_FILES, weights) + f":{t.dim}"
+        ident["pooled"] = hash_files(local_dir(t.encoder), ("config.json",) + _TOKENIZER_FILES, weights) + f":{t.dim}"
     if m.vae:
-        fp["vae"] = hash_files(local_dir(m.vae, m.vae_subfolder), ("config.json",), weights)
-    return fp
+        ident["vae"] = hash_files(local_dir(m.vae, m.vae_subfolder), ("config.json",), weights)
+    return ident
 
 
 def sources(recipe: Recipe) -> dict[str, Any]:
@@ -102,20 +104,26 @@ def sources(recipe: Recipe) -> dict[str, Any]:
             "vae_subfolder": m.vae_subfolder, "pooled": m.text_modulation.encoder if m.text_modulation else None}
 
 
-def fingerprint_digest(fp: dict[str, Any], dtype: str) -> str:
-    return hashlib.sha256(json.dumps([fp, dtype], sort_keys=True).encode()).hexdigest()[:16]
+def identity_digest(identity: dict[str, Any], dtype: str) -> str:
+    """A short hash of a feature identity and the stored dtype (the manifest's `digest`)."""
+    return hashlib.sha256(json.dumps([identity, dtype], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_fingerprint(manifest: dict[str, Any], recipe: Recipe | str, dtype: str | None = None) -> None:
+def manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The feature identity a cache manifest records (`feature_identity`; `fingerprint` in older caches)."""
+    return manifest.get("feature_identity", manifest.get("fingerprint", {}))
+
+
+def check_feature_identity(manifest: dict[str, Any], recipe: Recipe | str, dtype: str | None = None) -> None:
     """Refuse a cache built for something else, naming the first field that differs."""
     if manifest.get("kind") != KIND:
         raise UserError("not a fusedit feature cache (manifest has no 'kind: fusedit-cache')")
-    have, want = manifest.get("fingerprint", {}), fingerprint(as_recipe(recipe))
+    have, want = manifest_identity(manifest), feature_identity(as_recipe(recipe))
     if dtype is not None:
         have, want = {**have, "dtype": manifest.get("dtype")}, {**want, "dtype": dtype}
     for name in sorted(set(have) | set(want), key=lambda k: (k != "format", k)):
         if have.get(name) != want.get(name):
-            raise FingerprintMismatch(
+            raise FeatureIdentityMismatch(
                 f"cache does not match the recipe: field '{name}' differs (cache {have.get(name)!r}, "
                 f"recipe {want.get(name)!r}); rebuild it with `fusedit cache build`")
 

@@ -18,7 +18,7 @@ from fusedit.components.cache.format import (
     FEATURES_EXT,
     META_EXT,
     as_recipe,
-    check_fingerprint,
+    check_feature_identity,
     read_manifest,
     text_from_tensors,
 )
@@ -26,13 +26,13 @@ from fusedit.components.cache.frozen import ImageEncoder, preprocess, sample_x0,
 from fusedit.components.cache.order import SampleOrder
 from fusedit.components.shared import storage
 from fusedit.components.shared.device import pick_device
-from fusedit.components.shared.shards import caption_of, count_samples, image_member, input_shards, read_samples
+from fusedit.components.shared.shards import caption_of, image_member, input_shards, read_samples, shard_counts
 from fusedit.components.shared.tario import Sample
 from fusedit.errors import UserError
 from fusedit.model.config import Recipe
 from fusedit.model.text import TextContext
 
-__all__ = ["Batch", "Features", "check_fingerprint", "open_features", "sample_x0"]
+__all__ = ["Batch", "Features", "check_feature_identity", "open_features", "sample_x0"]
 log = logging.getLogger(__name__)
 
 
@@ -140,8 +140,10 @@ class CachedFeatures(_Source):
     trainer pins each one and copies it to its device without blocking the host."""
 
     def __init__(self, uri: str, manifest: dict, batch_size: int, seed: int, rank: int, world: int,
-                 max_bad_rate: float = 0.01):
+                 max_bad_rate: float = 0.01, text: bool = True):
         from safetensors.torch import load
+
+        self.text = text  # False: the stage computes its text online; the cached K/V are never decoded
 
         shards = manifest["shards"]
         super().__init__([storage.join(uri, s["name"]) for s in shards], [s["n"] for s in shards],
@@ -152,7 +154,9 @@ class CachedFeatures(_Source):
     def _decode(self, sample: Sample, uri: str) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors.torch import load
 
-        feats, meta = load(sample.members[FEATURES_EXT]), json.loads(sample.members[META_EXT])
+        data = sample.members[FEATURES_EXT]
+        feats = load(data if self.text else image_tensors(data))
+        meta = json.loads(sample.members[META_EXT])
         if not ({"pixels"} <= feats.keys() or {"mean", "logvar"} <= feats.keys()) or "caption" not in meta:
             raise ValueError(f"sample '{sample.key}' lacks image features or its caption")
         return feats, meta
@@ -165,7 +169,26 @@ class CachedFeatures(_Source):
             mean = torch.stack([f.pop("mean") for f in feats]).float()
             logvar = torch.stack([f.pop("logvar") for f in feats]).float()
         return Batch(keys=[m["key"] for m in metas], captions=[m["caption"] for m in metas],
-                     mean=mean, logvar=logvar, text=text_from_tensors(feats))
+                     mean=mean, logvar=logvar, text=text_from_tensors(feats) if self.text else None)
+
+
+IMAGE_TENSORS = ("pixels", "mean", "logvar")
+
+
+def image_tensors(data: bytes) -> bytes:
+    """The safetensors file `data` cut down to its image tensors (the text tensors' bytes are not copied)."""
+    n = int.from_bytes(data[:8], "little")
+    header, body = json.loads(data[8:8 + n]), memoryview(data)[8 + n:]
+    kept, parts, at = {}, [], 0
+    for name, info in header.items():
+        if name in IMAGE_TENSORS:
+            start, end = info["data_offsets"]
+            kept[name] = {**info, "data_offsets": [at, at + end - start]}
+            parts.append(body[start:end])
+            at += end - start
+    head = json.dumps(kept).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(parts)
 
 
 class OnlineFeatures(_Source):
@@ -178,7 +201,7 @@ class OnlineFeatures(_Source):
         uris = input_shards(uri)
         if not uris:
             raise UserError(f"no shards in {uri!r}")
-        super().__init__(uris, [count_samples(u) for u in uris], batch_size, seed, rank, world, max_bad_rate)
+        super().__init__(uris, shard_counts(uris), batch_size, seed, rank, world, max_bad_rate)
         self.resolution, self.caption = recipe.model.resolution, caption
         self.encoder = ImageEncoder(recipe, pick_device(str(device)))
         self.latent_shift, self.latent_scale = self.encoder.shift, self.encoder.scale
@@ -197,12 +220,13 @@ class OnlineFeatures(_Source):
 
 def open_features(recipe: Recipe | str, data_uri: str, *, batch_size: int, seed: int, rank: int = 0,
                   world: int = 1, online: bool | None = None, device="cpu",
-                  caption: str = "synthetic_caption", max_bad_rate: float = 0.01) -> Features:
-    """Cached features when `data_uri` holds a cache (fingerprint checked), else the online path.
+                  caption: str = "synthetic_caption", max_bad_rate: float = 0.01, text: bool = True) -> Features:
+    """Cached features when `data_uri` holds a cache (its feature identity checked), else the online path.
 
     Samples that no longer read back are skipped and counted (`.bad`); above `max_bad_rate` of the
     data set the batches stop with a UserError. `device` is where the online path's VAE runs; cached
-    batches are always in host memory."""
+    batches are always in host memory. With `text=False` (a stage that computes its text online) cached batches
+    carry no text and the cached text features are never decoded."""
     recipe = as_recipe(recipe)
     manifest = read_manifest(data_uri)
     if online is None:
@@ -211,8 +235,8 @@ def open_features(recipe: Recipe | str, data_uri: str, *, batch_size: int, seed:
         if manifest is None:
             raise UserError(f"{data_uri}: no feature cache here (no complete manifest); build one with "
                             f"`fusedit cache build` or train online from the filtered shards")
-        check_fingerprint(manifest, recipe)
-        return CachedFeatures(data_uri, manifest, batch_size, seed, rank, world, max_bad_rate)
+        check_feature_identity(manifest, recipe)
+        return CachedFeatures(data_uri, manifest, batch_size, seed, rank, world, max_bad_rate, text)
     if manifest is not None:
         raise UserError(f"{data_uri} is a feature cache (no images): online training needs the filtered shards")
     return OnlineFeatures(recipe, data_uri, batch_size, seed, rank, world, device, caption, max_bad_rate)

@@ -1,6 +1,8 @@
 """A set of sample shards as every step reads it: which shards, their samples, a sample's caption and image.
 
 A filter output lists its shards in its manifest; anything else is a pattern, directory or S3 prefix.
+Its manifest also records how many samples each shard holds (`counts`), so `shard_counts` reads
+those instead of streaming the shards.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from fusedit.components.shared.tario import Sample, ShardError, iter_samples
 from fusedit.errors import UserError
 
 IMAGE_MEMBERS = ("image.jpg", "jpg", "jpeg", "png", "webp")
+MANIFEST = "manifest.json"  # a filter output's manifest, next to its shards/ folder
 
 
 def input_shards(uri: str) -> list[str]:
     """Shards of a filter output (its manifest lists them) or of any pattern/directory/prefix."""
-    manifest = storage.join(uri, "manifest.json")
+    manifest = storage.join(uri, MANIFEST)
     if (storage.is_s3(uri) or os.path.isdir(uri)) and storage.exists(manifest):
         shards = storage.read_json(manifest).get("result", {}).get("shards")
         if shards is not None:
@@ -39,6 +42,38 @@ def read_samples(uri: str, max_member_bytes: int = 64 << 20) -> Iterator[Sample]
 def count_samples(uri: str) -> int:
     """Samples in a shard, from the tar headers only (member data is skipped, not kept)."""
     return sum(1 for _ in read_samples(uri, max_member_bytes=0))
+
+
+def _output_of(uri: str) -> tuple[str, str] | None:
+    """(the output root, the shard's path relative to it) for a shard in a `<root>/shards/` folder, else None."""
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        folder, _, name = key.rpartition("/")
+        root_key, _, sub = folder.rpartition("/")
+        root = f"s3://{bucket}/{root_key}" if root_key else f"s3://{bucket}"
+    else:
+        folder, name = os.path.split(uri)
+        root, sub = os.path.split(folder)
+    return (root, f"shards/{name}") if sub == "shards" and name else None
+
+
+def shard_counts(uris: list[str]) -> list[int]:
+    """Samples in each shard: from the `counts` of the manifest next to its `shards/` folder (a filter
+    output's), else counted (`count_samples`) for every shard that no manifest covers."""
+    manifests: dict[str, dict] = {}
+    out = []
+    for uri in uris:
+        n = None
+        where = _output_of(uri)
+        if where is not None:
+            root, rel = where
+            if root not in manifests:
+                path = storage.join(root, MANIFEST)
+                manifests[root] = (storage.read_json(path) or {}) if storage.exists(path) else {}
+            counts = manifests[root].get("counts") if isinstance(manifests[root], dict) else None
+            n = counts.get(rel) if isinstance(counts, dict) else None
+        out.append(n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else count_samples(uri))
+    return out
 
 
 def caption_of(sample: Sample, uri: str, caption: str) -> str:

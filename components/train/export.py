@@ -1,4 +1,10 @@
-"""A stage's EMA weights as a full pipeline: sample grids during training and the exported pipeline."""
+"""A stage's EMA weights as a full pipeline: sample grids during training and the exported pipeline.
+
+The pipeline is assembled once, around a fresh transformer that takes the EMA weights, from the modules the
+trainer already holds (`held`: its text encoder, trained or frozen, with its tokenizer and pooled encoder, and
+the online path's VAE); only a part the trainer does not hold (a cached-text stage has no LLM, cached latents
+need no VAE) is loaded from the recipe, once.
+"""
 from __future__ import annotations
 
 import os
@@ -13,20 +19,65 @@ from fusedit.components.train.config import Stage
 from fusedit.components.train.logs import TrainLogs
 from fusedit.model.config import Recipe
 
+TEXT_PARTS = ("text_encoder", "tokenizer", "pooled_text_encoder", "pooled_tokenizer")
+
+
+def held_parts(encoder, image_encoder) -> dict:
+    """The pipeline components a trainer holds: its TextEncoder's modules, and its ImageEncoder's VAE."""
+    held = {}
+    if encoder is not None:
+        pooled = encoder.pooled
+        held.update(text_encoder=encoder.llm, tokenizer=encoder.tokenizer,
+                    pooled_text_encoder=pooled.model if pooled else None,
+                    pooled_tokenizer=pooled.tokenizer if pooled else None)
+    if image_encoder is not None:
+        held["vae"] = image_encoder.vae
+    return held
+
+
+def assemble(rec: Recipe, held: dict):
+    """A FuseDiTPipeline of a new transformer and the `held` components; the missing ones loaded from the recipe
+    (as `FuseDiTPipeline.from_recipe` loads them). On the held modules' device."""
+    from fusedit.model.config import resolve
+    from fusedit.model.flow import make_scheduler
+    from fusedit.model.pipeline import FuseDiTPipeline
+    from fusedit.model.text import TextEncoder, llm_config_for
+    from fusedit.model.transformer import FuseDiTTransformer
+
+    m = rec.model
+    arch, spec = resolve(m, llm_config_for(m.llm))
+    parts = dict(held)
+    if "text_encoder" not in parts:
+        text = TextEncoder.load(m, spec)
+        parts.update(held_parts(text, None))
+    if "vae" not in parts:
+        parts["vae"] = None
+        if m.vae:
+            from diffusers import AutoencoderKL
+
+            parts["vae"] = AutoencoderKL.from_pretrained(m.vae, **({"subfolder": m.vae_subfolder}
+                                                                   if m.vae_subfolder else {}))
+    transformer = FuseDiTTransformer(arch.model_dump(), spec.model_dump(), sample_size=m.latent_size)
+    pipe = FuseDiTPipeline(transformer=transformer, scheduler=make_scheduler(rec.flow), **parts)
+    device = next((p.device for v in held.values() if isinstance(v, torch.nn.Module) for p in v.parameters()), None)
+    return pipe.to(device) if device is not None else pipe
+
 
 class PipelineExport:
-    """The EMA weights in a full pipeline: sample grids of the stage's fixed prompts, and the final export."""
+    """The EMA weights in a full pipeline: sample grids of the stage's fixed prompts, and the final export.
 
-    def __init__(self, rec: Recipe, st: Stage, root: Path):
+    `held`: the components the trainer holds (`held_parts`), reused as they are. A held text encoder is the
+    trainer's own (trained) LLM, so its weights are not loaded again at the export."""
+
+    def __init__(self, rec: Recipe, st: Stage, root: Path, held: dict | None = None):
         self.rec, self.st, self.root, self.pipe = rec, st, root, None
+        self.held = dict(held or {})
 
     def _pipeline(self, ema: dict[str, torch.Tensor], llm: dict | None):
-        from fusedit.model.pipeline import FuseDiTPipeline
-
         if self.pipe is None:
-            self.pipe = FuseDiTPipeline.from_recipe(self.rec)
+            self.pipe = assemble(self.rec, self.held)
         self.pipe.transformer.load_state_dict({k: v.to(self.pipe.transformer.dtype) for k, v in ema.items()})
-        if llm is not None:
+        if llm is not None and "text_encoder" not in self.held:
             self.pipe.text_encoder.load_state_dict(llm, strict=False)
         self.pipe.transformer.eval()
         return self.pipe

@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from fusedit.components.cache.reader import open_features
 from fusedit.components.shared import storage
 from fusedit.components.train import checkpoint, distributed
 from fusedit.components.train.config import Stage, load_train_params
 from fusedit.components.train.ema import EMA, ema_on_device
-from fusedit.components.train.export import PipelineExport
+from fusedit.components.train.export import PipelineExport, held_parts
 from fusedit.components.train.logs import TrainLogs
 from fusedit.components.train.step_inputs import Prefetch, StepInputs, make_inputs
 from fusedit.errors import UserError
@@ -222,17 +223,17 @@ class _Run:
         self.local_batch = st.batch_size // d.world
         if d.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
-        from fusedit.components.cache.reader import open_features
-
-        self.features = open_features(rec, data, batch_size=self.local_batch, seed=seed, rank=d.rank,
-                                      world=d.world, device="cpu" if d.strategy == "spmd" else str(d.device),
-                                      max_bad_rate=st.max_bad_sample_rate)
-        train_llm = st.trains == "dit+llm"
+        train_llm = st.trains == "dit+llm"  # the LLM runs on the captions: cached text is never read
+        self.features = open_features(rec, data, text=not train_llm, batch_size=self.local_batch, seed=seed,
+                                            rank=d.rank, world=d.world,
+                                            device="cpu" if d.strategy == "spmd" else str(d.device),
+                                            max_bad_rate=st.max_bad_sample_rate)
         self.cached_text = self.features.uncond is not None and not train_llm
         if train_llm and self.features.uncond is not None:
-            log.warning("stage '%s' trains the LLM: cached text features cannot be used, computing them online",
-                        st.name)
+            log.warning("stage '%s' trains the LLM: cached text features cannot be used (not read), computing them "
+                        "online", st.name)
         self.dit, encoder, denoiser, self.compiled = _build_denoiser(rec, st, seed, d, self.cached_text)
+        self.encoder = encoder
         self.llm_params = reachable_llm_params(encoder) if train_llm else []
         self.ema = EMA(self.dit.state_dict(), st.ema_decay)
         self.resume = _restore(st, output, self.dit, self.ema, encoder)
@@ -257,6 +258,15 @@ class _Run:
         self.logs = TrainLogs(output, st.name, self.start, d)
         self.uncond = self.features.uncond.to(d.device) if self.cached_text else None
         self.ema_placed = False
+
+    def exporter(self) -> PipelineExport | None:
+        """Rank 0's pipeline export, reusing the text encoder and VAE this run holds where they are whole
+        (not sharded by FSDP / HSDP, not on an XLA mesh); None on the other ranks."""
+        if not self.d.main:
+            return None
+        whole = self.d.strategy in ("single", "ddp")
+        held = held_parts(self.encoder, getattr(self.features, "encoder", None)) if whole else {}
+        return PipelineExport(self.rec, self.st, self.logs.root, held)
 
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
         full = distributed.full_state(self.model, self.d)
@@ -369,6 +379,6 @@ class _Run:
 
 def _train(rec: Recipe, st: Stage, seed: int, data: str, output: str, d: distributed.Dist) -> TrainResult:
     run = _Run(rec, st, seed, data, output, d)
-    exporter = PipelineExport(rec, st, run.logs.root) if d.main else None
+    exporter = run.exporter()
     run.loop(exporter)
     return run.finish(exporter)
