@@ -42,7 +42,7 @@ lint: setup
 
 # Under CI=true a skip not listed in tests/conftest.py (ALLOWED_SKIPS) fails the run.
 test: setup tools xla-venv sysdeps lint
-	$(BIN)/pytest -q -rs --durations=15
+	$(BIN)/pytest -q -rs --durations=15 -n 2 --dist loadfile
 
 demo: setup
 	$(BIN)/dvc repro

@@ -93,11 +93,25 @@ def s3_server():
     server.stop()
 
 
+def _is_worker(config) -> bool:
+    """True inside a pytest-xdist worker (`make test` runs two); the controller reports for all of them."""
+    return hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: add a finished worker's fuzz-case counts to this process's."""
+    from tests.fuzzing import FUZZ_CASES
+
+    for name, n in getattr(node, "workeroutput", {}).get("fuzz_cases", {}).items():
+        FUZZ_CASES[name] = FUZZ_CASES.get(name, 0) + n
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print how many cases each fuzz property ran; also as JSON to $FUSEDIT_FUZZ_REPORT when set."""
     from tests.fuzzing import FUZZ_CASES, PROFILE
 
-    if not FUZZ_CASES:
+    if not FUZZ_CASES or _is_worker(terminalreporter.config):
         return
     terminalreporter.section(f"fuzz cases per property (profile {PROFILE})")
     for node, n in sorted(FUZZ_CASES.items()):
@@ -127,7 +141,13 @@ def unlisted_skips(reports) -> list[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Print the skip count; under CI=true fail the run on any skip not in ALLOWED_SKIPS."""
+    """Print the skip count; under CI=true fail the run on any skip not in ALLOWED_SKIPS. Under xdist the
+    controller sees every worker's reports and decides; a worker only hands its fuzz-case counts over."""
+    if _is_worker(session.config):
+        from tests.fuzzing import FUZZ_CASES
+
+        session.config.workeroutput["fuzz_cases"] = dict(FUZZ_CASES)
+        return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None:
         return

@@ -176,3 +176,14 @@ def test_a_step_reading_another_steps_internals_is_caught():
         "components/train/_planted_step_test.py:2: fusedit.components.train._planted_step_test imports "
         "fusedit.components.cache.build.build_cache, not one of fusedit.components.cache's public modules ['reader']",
     ]
+
+
+def test_every_package_folder_is_installed():
+    """Each folder with an `__init__.py` under the mapped folders is in pyproject's `packages`: a folder left
+    out imports in the editable dev install (by path) and is missing from the built wheel and the image."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(init) for folder in FOLDERS for init in (ROOT / folder).rglob("__init__.py")
+             if "__pycache__" not in init.parts}
+    assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"
