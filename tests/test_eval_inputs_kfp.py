@@ -3,7 +3,7 @@ parameters, and compile and submit refuse a run that would train every stage and
 want of one (GenEval metadata, DPG prompts, FID reference images and Inception weights).
 
 Real compilation through the CLI, the compiled IR read as YAML, and `submit` against the KFP stand-in of
-tests/test_workflow_kfp.py (which records what reaches the server).
+tests/test_pipeline_workflow.py (which records what reaches the server).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_workflow_kfp import _KFP, _tasks
+from tests.test_pipeline_workflow import _KFP, _tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 # what ablations/paper.yaml's suites read (geneval, dpg, fid with clean-fid's Inception), nothing else

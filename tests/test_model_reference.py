@@ -147,7 +147,7 @@ def test_whole_reference_pipeline_imports_and_generates_through_the_cli(tmp_path
     import numpy as np
     from PIL import Image
 
-    from tests.test_cli_model import run
+    from tests.test_model_cli import run
 
     src = _reference_pipeline(tmp_path, "fusedit-large-scale")
     r = run("model", "import-reference", str(src), "--out", str(tmp_path / "dst"))
@@ -164,7 +164,7 @@ def test_whole_reference_pipeline_imports_and_generates_through_the_cli(tmp_path
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):
-    from tests.test_cli_model import run
+    from tests.test_model_cli import run
 
     r = run("model", "import-reference", str(FIXTURES / "reference-format" / "baselinedit-cross-attention"),
             "--out", str(tmp_path / "dst"))

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from fusedit.components.data.filter_config import FilterConfig
 from fusedit.components.data.synth import synth
 from fusedit.pipelines.workflow import SECRET_KEYS
-from tests.test_workflow_kfp import _KFP
+from tests.test_pipeline_workflow import _KFP
 
 FUSEDIT = str(Path(sys.executable).parent / "fusedit")
 ROOT = Path(__file__).resolve().parents[1]
