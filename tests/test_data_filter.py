@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from fusedit.components.data import filter as filt
+from fusedit.components.data import shard_pass
 from fusedit.components.data.filter import filter_shards
 from fusedit.components.data.filter_config import FilterConfig, load_filter_config
 from fusedit.components.data.synth import DEFECTS, synth
@@ -99,7 +99,7 @@ def test_interrupted_run_looks_incomplete_and_resumes_only_unfinished_shards(syn
     d, summary = synth_dir
     out = tmp_path / "out"
     cfg = FilterConfig(input=str(d), output=str(out), workers=1, **FAST)
-    real = filt.process_shard
+    real = shard_pass.process_shard
     calls = []
 
     def crash_on_third(task):
@@ -108,12 +108,12 @@ def test_interrupted_run_looks_incomplete_and_resumes_only_unfinished_shards(syn
             raise KeyboardInterrupt("killed")
         return real(task)
 
-    monkeypatch.setattr(filt, "process_shard", crash_on_third)
+    monkeypatch.setattr(shard_pass, "process_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         filter_shards(cfg)
     assert not (out / "manifest.json").exists() and not (out / "shards").exists()
     calls.clear()
-    monkeypatch.setattr(filt, "process_shard", lambda task: (calls.append(task["uri"]), real(task))[1])
+    monkeypatch.setattr(shard_pass, "process_shard", lambda task: (calls.append(task["uri"]), real(task))[1])
     result = filter_shards(cfg)
     assert [c.rsplit("/", 1)[1] for c in calls] == ["shard-000002.tar", "shard-000003.tar"]
     assert result.n_kept == summary["expected_kept"]

@@ -16,24 +16,22 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
-from fusedit.components.data.checks import DECODE_REASONS, EMPTY_ROW, REASONS, judge
+from fusedit.components.data.checks import DECODE_REASONS, EMPTY_ROW, REASONS
 from fusedit.components.data.dedupe import mark_duplicates
-from fusedit.components.data.examples import ShardPicker, image_reader, pick_examples
+from fusedit.components.data.examples import image_reader, pick_examples
 from fusedit.components.data.filter_config import FilterConfig
+from fusedit.components.data.shard_pass import is_done, read_lines, run_tasks, write_lines
 from fusedit.components.shared import storage
-from fusedit.components.shared.tario import Sample, ShardError, TarSink, iter_samples
+from fusedit.components.shared.tario import TarSink
 from fusedit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,7 +40,6 @@ MANIFEST = "manifest.json"
 # history, named by run time): left out of the manifest, and out of DVC's hash of the report (.dvcignore)
 RUN_RECORDS = ("timing.json", "report/validation.json", "report/gx/")
 
-_tokenizers: dict[str, Any] = {}
 
 
 class FilterResult(BaseModel):
@@ -62,127 +59,6 @@ class FilterResult(BaseModel):
 
 class QualityGateError(UserError):
     """The data-quality suite failed and `fail_on_quality` is set (outputs are already written)."""
-
-
-class WorkerDied(UserError):
-    """A pass-1 worker process died (killed, out of memory); finished shards are kept for a rerun."""
-
-
-# ------------------------------------------------------------------ pass 1: one shard
-
-def _tokenizer(path: str | None):
-    if path is None:
-        return None
-    if path not in _tokenizers:
-        from transformers import AutoTokenizer
-
-        try:
-            _tokenizers[path] = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:  # noqa: BLE001 - any loader failure is a bad --tokenizer
-            raise UserError(f"cannot load tokenizer from {path!r}: {type(exc).__name__}: {exc}") from None
-    return _tokenizers[path]
-
-
-def process_shard(task: dict[str, Any]) -> dict[str, Any]:
-    """Judge every sample of one input shard; write kept.tar, rows.jsonl, thumbs.json, done.json."""
-    cfg = FilterConfig.model_validate(task["config"])
-    storage.configure(**cfg.s3.model_dump())
-    tok = _tokenizer(cfg.tokenizer)
-    uri, sdir = task["uri"], task["dir"]
-    shutil.rmtree(sdir, ignore_errors=True)
-    os.makedirs(sdir)
-    rows: list[dict[str, Any]] = []
-    picker = ShardPicker(cfg.example_seed, cfg.examples_per_reason)
-    bad: dict[str, Any] | None = None
-    t0 = time.perf_counter()
-    with open(os.path.join(sdir, "kept.tar.part"), "wb") as fout:
-        writer = TarSink(fout)
-        try:
-            with storage.open_read(uri) as stream:
-                for sample in iter_samples(stream, cfg.max_member_bytes):
-                    j = judge(sample, uri, cfg, tok)
-                    if j.members is not None:
-                        j.row["tar_offset"], j.row["tar_length"] = writer.write(sample.key, j.members)
-                    if j.image is not None and j.row["reason"] is not None:  # kept ones: in pass 2
-                        picker.offer(j.row["reason"], j.row["key"], sample.index, j.rgb)
-                    rows.append(j.row)
-        except ShardError as exc:
-            n_read = exc.samples_read  # type: ignore[attr-defined]
-            detail = f"shard {exc} after {n_read} complete sample(s)"
-            if cfg.on_bad_shard == "error":
-                raise UserError(f"{uri}: {detail}") from None
-            partial: Sample | None = exc.partial  # type: ignore[attr-defined]
-            if partial is not None:
-                row = judge(Sample(key=partial.key, index=partial.index), uri, cfg).row
-                row.update(reason="truncated_shard", detail=f"sample cut off: shard {exc}")
-                rows.append(row)
-            bad = {"shard": uri, "detail": detail}
-            log.warning("%s: %s", uri, detail)
-        writer.close()
-    os.replace(os.path.join(sdir, "kept.tar.part"), os.path.join(sdir, "kept.tar"))
-    _write_lines(os.path.join(sdir, "rows.jsonl"), rows)
-    storage.write_json(os.path.join(sdir, "thumbs.json"), {str(k): v for k, v in picker.thumbs.items()})
-    done = {"uri": uri, "identity": task["identity"], "fingerprint": task["fingerprint"],
-            "n": len(rows), "bad_shard": bad, "seconds": time.perf_counter() - t0}
-    storage.write_json(os.path.join(sdir, "done.json"), done)
-    return done
-
-
-def _write_lines(path: str, rows: list[dict[str, Any]]) -> None:
-    with storage.atomic_write(path) as f:
-        for r in rows:
-            f.write((json.dumps(r, default=str) + "\n").encode())
-
-
-def _read_lines(path: str) -> list[dict[str, Any]]:
-    with open(path, "rb") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-# ------------------------------------------------------------------ pass 1 driver
-
-def _is_done(sdir: str, task: dict[str, Any]) -> bool:
-    try:
-        with open(os.path.join(sdir, "done.json")) as f:
-            done = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return all(done.get(k) == task[k] for k in ("uri", "identity", "fingerprint"))
-
-
-def _run_tasks(tasks: list[dict[str, Any]], workers: int) -> None:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(tasks), unit="shard", desc="filter", disable=None)
-    try:
-        if workers <= 1 or len(tasks) <= 1:
-            for t in tasks:
-                process_shard(t)
-                bar.update()
-            return
-        # fork: the parent is light (no torch), children need no re-import and no importable __main__
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        # a worker that dies breaks the whole pool (BrokenProcessPool, never a hang): report it once
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method)) as pool:
-            pending = {pool.submit(process_shard, t) for t in tasks}
-            n_done = 0
-            try:
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        fut.result()  # re-raises a worker's error (e.g. a missing S3 object)
-                        n_done += 1
-                        bar.update()
-            except BrokenProcessPool:
-                raise WorkerDied(f"a filter worker process died (killed, or out of memory?) with "
-                                 f"{len(tasks) - n_done} shard(s) unfinished; the {n_done} finished are kept: "
-                                 f"rerun to resume (with fewer --workers if memory is short)") from None
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
-    finally:
-        bar.close()
 
 
 # ------------------------------------------------------------------ pass 2
@@ -351,7 +227,7 @@ def _plan_tasks(cfg: FilterConfig, inputs: list[str], identities: list[dict[str,
 
 def _pending(cfg: FilterConfig, tasks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """(the tasks a previous run did not finish, how many workers run them)."""
-    todo = [t for t in tasks if not _is_done(t["dir"], t)]
+    todo = [t for t in tasks if not is_done(t["dir"], t)]
     workers = min(cfg.workers or os.cpu_count() or 1, max(1, len(todo)))
     if len(todo) < len(tasks):
         log.info("resuming: %d of %d shards already done", len(tasks) - len(todo), len(tasks))
@@ -364,7 +240,7 @@ def _collect(cfg: FilterConfig, tasks: list[dict[str, Any]]) -> _Collected:
     bad: list[dict[str, Any]] = []
     thumbs: dict[tuple[str, int], str] = {}
     for t in tasks:
-        rows += _read_lines(os.path.join(t["dir"], "rows.jsonl"))
+        rows += read_lines(os.path.join(t["dir"], "rows.jsonl"))
         with open(os.path.join(t["dir"], "done.json")) as f:
             done = json.load(f)
         if done["bad_shard"]:
@@ -407,7 +283,7 @@ def _write_rejects(path: str, col: _Collected) -> None:
                 "detail": r["detail"]} for r in col.rows if r["decision"] == "rejected"]
     rejects += [{"key": None, "shard": b["shard"], "index": None, "reason": "bad_shard", "detail": b["detail"]}
                 for b in col.bad]
-    _write_lines(path, rejects)
+    write_lines(path, rejects)
 
 
 def _quality(cfg: FilterConfig, tasks: list[dict[str, Any]], col: _Collected, stats, metrics: dict[str, Any],
@@ -469,7 +345,7 @@ def filter_shards(cfg: FilterConfig) -> FilterResult:
     work, tasks = _plan_tasks(cfg, inputs, identities)
     todo, workers = _pending(cfg, tasks)
     t0 = time.perf_counter()
-    _run_tasks(todo, workers)
+    run_tasks(todo, workers)
     col = _collect(cfg, tasks)
     stage = _new_stage(work)
     kept = _reshard(tasks, col.rows, os.path.join(stage, "shards"), cfg.samples_per_shard)
