@@ -5,15 +5,15 @@ import tarfile
 
 import pytest
 
-from fusedit.components.shared import storage
+from fusedit.components.shared import patterns, storage
 from fusedit.components.shared.tario import ShardError, TarSink, iter_samples
 from tests.data_helpers import jpeg, member_ends, write_tar
 
 
 def test_brace_expansion_keeps_padding_and_lists():
-    assert storage.expand_braces("s-{0008..0011}.tar") == ["s-0008.tar", "s-0009.tar", "s-0010.tar", "s-0011.tar"]
-    assert storage.expand_braces("{a,b}/x-{1..2}") == ["a/x-1", "a/x-2", "b/x-1", "b/x-2"]
-    assert storage.expand_braces("s3://b/p/shard-{00..01}.tar") == ["s3://b/p/shard-00.tar", "s3://b/p/shard-01.tar"]
+    assert patterns.expand_braces("s-{0008..0011}.tar") == ["s-0008.tar", "s-0009.tar", "s-0010.tar", "s-0011.tar"]
+    assert patterns.expand_braces("{a,b}/x-{1..2}") == ["a/x-1", "a/x-2", "b/x-1", "b/x-2"]
+    assert patterns.expand_braces("s3://b/p/shard-{00..01}.tar") == ["s3://b/p/shard-00.tar", "s3://b/p/shard-01.tar"]
 
 
 def test_expand_directories_globs_and_several_patterns(tmp_path):

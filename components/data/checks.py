@@ -130,68 +130,94 @@ def phash(img: Image.Image) -> int:
     return int(str(imagehash.phash(grey.resize((32, 32), Image.Resampling.BOX))), 16)
 
 
-def judge(sample: Sample, shard: str, cfg: FilterConfig, tokenizer: Any = None) -> Judged:
-    """Decide one sample on its own (everything except cross-sample duplicates)."""
+def _check_member(sample: Sample, row: dict[str, Any], cfg: FilterConfig) -> tuple[str, bytes]:
+    """The key and the image member: (image extension, image bytes), or a Reject."""
     cols = cfg.columns
+    if why := unsafe_key(sample.key):
+        raise Reject("unsafe_key", f"key {row['key']!r}: {why}")
+    if sample.duplicate_key:
+        raise Reject("duplicate_key", f"key {sample.key!r} appeared earlier in the shard")
+    if any(ext in cols.image for ext in sample.oversized):
+        raise Reject("member_too_large", f"image larger than {cfg.max_member_bytes} bytes")
+    picked = _pick(sample.members, cols.image)
+    if picked is None:
+        raise Reject("missing_image", f"no member among {cols.image}")
+    return picked
+
+
+def _check_image(data: bytes, judged: Judged, cfg: FilterConfig) -> tuple[str, str]:
+    """Decode the image into `judged` and check its size and aspect; returns (mode, format)."""
+    row = judged.row
+    row["image_bytes"] = len(data)
+    img, mode, fmt = decode_image(data, cfg)
+    w, h = img.size
+    row.update(width=w, height=h, aspect=round(w / h, 4), mode=mode, format=fmt)
+    judged.image, judged.image_data = img, data
+    if min(w, h) < cfg.min_side:
+        raise Reject("too_small", f"{w}x{h}, short side < {cfg.min_side}")
+    if not cfg.min_aspect <= w / h <= cfg.max_aspect:
+        raise Reject("bad_aspect", f"aspect {w / h:.3f} outside [{cfg.min_aspect}, {cfg.max_aspect}]")
+    return mode, fmt
+
+
+def _check_texts(sample: Sample, row: dict[str, Any], cfg: FilterConfig, tokenizer: Any) -> dict[str, str]:
+    """Every text column found, normalised; the caption must be present, non-empty and not too long."""
+    cols = cfg.columns
+    texts: dict[str, str] = {}
+    for name, candidates in cols.texts.items():
+        found = _pick(sample.members, candidates)
+        if found is None:
+            continue
+        try:
+            texts[name] = normalize_text(found[1].decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise Reject("invalid_utf8", f"{found[0]}: {exc.reason} at byte {exc.start}") from None
+    if cols.caption not in texts:
+        raise Reject("missing_caption", f"no member among {cols.texts[cols.caption]}")
+    cap = texts[cols.caption]
+    row.update(caption=cap, caption_chars=len(cap))
+    if not cap:
+        raise Reject("empty_caption", "caption is empty after whitespace normalisation")
+    if len(cap) > cfg.max_caption_chars:
+        raise Reject("caption_too_long", f"{len(cap)} characters > {cfg.max_caption_chars}")
+    if tokenizer is not None:
+        n_tok = count_tokens(tokenizer, cap)
+        row["caption_tokens"] = n_tok
+        if n_tok > cfg.max_caption_tokens:
+            raise Reject("caption_too_long", f"{n_tok} tokens > {cfg.max_caption_tokens}")
+    return texts
+
+
+def _kept_members(sample: Sample, judged: Judged, image_ext: str, mode: str, fmt: str, texts: dict[str, str],
+                  cfg: FilterConfig) -> dict[str, bytes]:
+    """What a kept sample is written as: an RGB JPEG (the original bytes when already one), its texts and the
+    pass-through members."""
+    data = judged.image_data
+    if fmt == "JPEG" and mode == "RGB" and image_ext.endswith(("jpg", "jpeg")):
+        out_image = data  # already an RGB JPEG: keep the original bytes, no re-encoding loss
+    else:
+        buf = io.BytesIO()
+        judged.rgb().save(buf, "JPEG", quality=cfg.jpeg_quality)
+        out_image = buf.getvalue()
+        judged.row["converted"] = True
+    members = {"image.jpg": out_image}
+    members.update({f"{name}.txt": text.encode() for name, text in texts.items()})
+    members.update({ext: sample.members[ext] for ext in cfg.columns.passthrough if ext in sample.members})
+    return members
+
+
+def judge(sample: Sample, shard: str, cfg: FilterConfig, tokenizer: Any = None) -> Judged:
+    """Decide one sample on its own (everything except cross-sample duplicates): key and image member, image,
+    texts, then the kept members; the first failed check is the sample's reject reason."""
     row: dict[str, Any] = {**EMPTY_ROW, "key": printable_key(sample.key), "shard": shard, "index": sample.index}
     judged = Judged(row=row)
     try:
-        if why := unsafe_key(sample.key):
-            raise Reject("unsafe_key", f"key {row['key']!r}: {why}")
-        if sample.duplicate_key:
-            raise Reject("duplicate_key", f"key {sample.key!r} appeared earlier in the shard")
-        if any(ext in cols.image for ext in sample.oversized):
-            raise Reject("member_too_large", f"image larger than {cfg.max_member_bytes} bytes")
-        picked = _pick(sample.members, cols.image)
-        if picked is None:
-            raise Reject("missing_image", f"no member among {cols.image}")
-        image_ext, data = picked
-        row["image_bytes"] = len(data)
-        img, mode, fmt = decode_image(data, cfg)
-        w, h = img.size
-        row.update(width=w, height=h, aspect=round(w / h, 4), mode=mode, format=fmt)
-        judged.image, judged.image_data = img, data
-        if min(w, h) < cfg.min_side:
-            raise Reject("too_small", f"{w}x{h}, short side < {cfg.min_side}")
-        if not cfg.min_aspect <= w / h <= cfg.max_aspect:
-            raise Reject("bad_aspect", f"aspect {w / h:.3f} outside [{cfg.min_aspect}, {cfg.max_aspect}]")
-        texts: dict[str, str] = {}
-        for name, candidates in cols.texts.items():
-            found = _pick(sample.members, candidates)
-            if found is None:
-                continue
-            try:
-                texts[name] = normalize_text(found[1].decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise Reject("invalid_utf8", f"{found[0]}: {exc.reason} at byte {exc.start}") from None
-        if cols.caption not in texts:
-            raise Reject("missing_caption", f"no member among {cols.texts[cols.caption]}")
-        cap = texts[cols.caption]
-        row.update(caption=cap, caption_chars=len(cap))
-        if not cap:
-            raise Reject("empty_caption", "caption is empty after whitespace normalisation")
-        if len(cap) > cfg.max_caption_chars:
-            raise Reject("caption_too_long", f"{len(cap)} characters > {cfg.max_caption_chars}")
-        if tokenizer is not None:
-            n_tok = count_tokens(tokenizer, cap)
-            row["caption_tokens"] = n_tok
-            if n_tok > cfg.max_caption_tokens:
-                raise Reject("caption_too_long", f"{n_tok} tokens > {cfg.max_caption_tokens}")
+        image_ext, data = _check_member(sample, row, cfg)
+        mode, fmt = _check_image(data, judged, cfg)
+        texts = _check_texts(sample, row, cfg, tokenizer)
         row["exact_hash"] = hashlib.blake2b(data, digest_size=16).hexdigest()
-        row["phash"] = f"{phash(img):016x}"
-        if fmt == "JPEG" and mode == "RGB" and image_ext.endswith(("jpg", "jpeg")):
-            out_image = data  # already an RGB JPEG: keep the original bytes, no re-encoding loss
-        else:
-            buf = io.BytesIO()
-            judged.rgb().save(buf, "JPEG", quality=cfg.jpeg_quality)
-            out_image = buf.getvalue()
-            row["converted"] = True
-        members = {"image.jpg": out_image}
-        members.update({f"{name}.txt": text.encode() for name, text in texts.items()})
-        for ext in cols.passthrough:
-            if ext in sample.members:
-                members[ext] = sample.members[ext]
-        judged.members = members
+        row["phash"] = f"{phash(judged.image):016x}"
+        judged.members = _kept_members(sample, judged, image_ext, mode, fmt, texts, cfg)
         row["decision"] = "kept"
     except Reject as rej:
         row["reason"], row["detail"] = rej.reason, rej.detail

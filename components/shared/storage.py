@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
+from fusedit.components.shared.patterns import expand_braces
 from fusedit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -376,29 +376,7 @@ def publish(local_dir: str, dest: str, manifest_name: str = "manifest.json",
         write_json(join(dest, manifest_name), manifest)
 
 
-# ---------------------------------------------------------------- patterns
-
-_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """`a-{000..002}.tar` -> a-000.tar a-001.tar a-002.tar (zero padding kept); `{x,y}` lists too.
-
-    Groups expand left to right, like the shell.
-    """
-    found = [m for m in (_RANGE.search(pattern), _LIST.search(pattern)) if m]
-    if not found:
-        return [pattern]
-    m = min(found, key=lambda x: x.start())
-    head, tail = pattern[:m.start()], pattern[m.end():]
-    if m.re is _LIST:
-        return [x for alt in m.group(1).split(",") for x in expand_braces(head + alt + tail)]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-    step = 1 if int(hi) >= int(lo) else -1
-    return [x for i in range(int(lo), int(hi) + step, step) for x in expand_braces(f"{head}{i:0{width}d}{tail}")]
-
+# ---------------------------------------------------------------- patterns (braces: patterns.py)
 
 def expand(pattern: str, suffix: str = ".tar") -> list[str]:
     """Input URIs for a pattern: braces, globs (`*`, `?`), a directory or S3 prefix ending in '/'.
