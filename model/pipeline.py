@@ -37,18 +37,20 @@ class FuseDiTPipeline(DiffusionPipeline):
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, transformer: FuseDiTTransformer | None = None,
-                    dtype=torch.float32) -> FuseDiTPipeline:
-        """Assemble the frozen parts named by a recipe around a (new or trained) transformer."""
+                    dtype=torch.float32, text: TextEncoder | None = None, vae=None) -> FuseDiTPipeline:
+        """Assemble the frozen parts named by a recipe around a (new or trained) transformer.
+
+        `text` / `vae`: parts already built for this recipe (a trainer's own LLM stream, trained or frozen, and
+        its VAE), used as they are; whatever is not given is loaded from the recipe's paths."""
         m = recipe.model
         arch, spec = resolve(m, llm_config_for(m.llm))
         if transformer is None:
             transformer = FuseDiTTransformer(arch.model_dump(), spec.model_dump(), sample_size=m.latent_size)
-        vae = None
-        if m.vae:
+        if vae is None and m.vae:
             from diffusers import AutoencoderKL
 
             vae = AutoencoderKL.from_pretrained(m.vae, **({"subfolder": m.vae_subfolder} if m.vae_subfolder else {}))
-        text = TextEncoder.load(m, spec, dtype)
+        text = text or TextEncoder.load(m, spec, dtype)
         return cls(transformer=transformer, text_encoder=text.llm, tokenizer=text.tokenizer,
                    scheduler=make_scheduler(recipe.flow), vae=vae,
                    pooled_text_encoder=text.pooled.model if text.pooled else None,

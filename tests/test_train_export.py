@@ -16,8 +16,9 @@ from fusedit.components.train.loop import train
 from fusedit.model.pipeline import FuseDiTPipeline
 from tests.cache_helpers import DEEP, make_shards, tiny_recipe
 
+# what loads a part from disk (`FuseDiTPipeline.from_recipe`, the one constructor, calls these for a part not held)
 LOADERS = ("fusedit.model.text.TextEncoder.load", "fusedit.model.text.load_llm", "fusedit.model.text.load_tokenizer",
-           "diffusers.AutoencoderKL.from_pretrained", "fusedit.model.pipeline.FuseDiTPipeline.from_recipe")
+           "diffusers.AutoencoderKL.from_pretrained")
 
 
 def _params(tmp_path, **stage) -> str:
@@ -30,7 +31,7 @@ def _params(tmp_path, **stage) -> str:
 
 @pytest.fixture
 def no_second_load(monkeypatch):
-    """Every loader of an LLM, tokenizer, VAE or recipe pipeline raises while the export assembles its pipeline;
+    """Every loader of an LLM, tokenizer or VAE raises while the export assembles its pipeline;
     yields how many pipelines were assembled."""
     real, built = export.assemble, []
 

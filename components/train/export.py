@@ -19,47 +19,24 @@ from fusedit.components.train.config import Stage
 from fusedit.components.train.logs import TrainLogs
 from fusedit.model.config import Recipe
 
-TEXT_PARTS = ("text_encoder", "tokenizer", "pooled_text_encoder", "pooled_tokenizer")
-
 
 def held_parts(encoder, image_encoder) -> dict:
-    """The pipeline components a trainer holds: its TextEncoder's modules, and its ImageEncoder's VAE."""
-    held = {}
-    if encoder is not None:
-        pooled = encoder.pooled
-        held.update(text_encoder=encoder.llm, tokenizer=encoder.tokenizer,
-                    pooled_text_encoder=pooled.model if pooled else None,
-                    pooled_tokenizer=pooled.tokenizer if pooled else None)
-    if image_encoder is not None:
+    """What a trainer holds of a pipeline: its text stream (`text`: a TextEncoder, the LLM trained or frozen)
+    and its online path's VAE (`vae`); absent keys are parts it does not hold."""
+    held = {"text": encoder} if encoder is not None else {}
+    if image_encoder is not None and image_encoder.vae is not None:
         held["vae"] = image_encoder.vae
     return held
 
 
 def assemble(rec: Recipe, held: dict):
-    """A FuseDiTPipeline of a new transformer and the `held` components; the missing ones loaded from the recipe
-    (as `FuseDiTPipeline.from_recipe` loads them). On the held modules' device."""
-    from fusedit.model.config import resolve
-    from fusedit.model.flow import make_scheduler
+    """`FuseDiTPipeline.from_recipe` with the `held` parts (the rest loaded from the recipe), on their device."""
     from fusedit.model.pipeline import FuseDiTPipeline
-    from fusedit.model.text import TextEncoder, llm_config_for
-    from fusedit.model.transformer import FuseDiTTransformer
 
-    m = rec.model
-    arch, spec = resolve(m, llm_config_for(m.llm))
-    parts = dict(held)
-    if "text_encoder" not in parts:
-        text = TextEncoder.load(m, spec)
-        parts.update(held_parts(text, None))
-    if "vae" not in parts:
-        parts["vae"] = None
-        if m.vae:
-            from diffusers import AutoencoderKL
-
-            parts["vae"] = AutoencoderKL.from_pretrained(m.vae, **({"subfolder": m.vae_subfolder}
-                                                                   if m.vae_subfolder else {}))
-    transformer = FuseDiTTransformer(arch.model_dump(), spec.model_dump(), sample_size=m.latent_size)
-    pipe = FuseDiTPipeline(transformer=transformer, scheduler=make_scheduler(rec.flow), **parts)
-    device = next((p.device for v in held.values() if isinstance(v, torch.nn.Module) for p in v.parameters()), None)
+    pipe = FuseDiTPipeline.from_recipe(rec, **held)
+    modules = [held["text"].llm] if "text" in held else []
+    modules += [held["vae"]] if "vae" in held else []
+    device = next((p.device for mod in modules for p in mod.parameters()), None)
     return pipe.to(device) if device is not None else pipe
 
 
@@ -77,7 +54,7 @@ class PipelineExport:
         if self.pipe is None:
             self.pipe = assemble(self.rec, self.held)
         self.pipe.transformer.load_state_dict({k: v.to(self.pipe.transformer.dtype) for k, v in ema.items()})
-        if llm is not None and "text_encoder" not in self.held:
+        if llm is not None and "text" not in self.held:
             self.pipe.text_encoder.load_state_dict(llm, strict=False)
         self.pipe.transformer.eval()
         return self.pipe
