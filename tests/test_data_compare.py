@@ -209,16 +209,21 @@ def test_kfp_components_compile_with_typed_outputs(tmp_path):
     assert "compare-op" in json.dumps(filt["components"])  # compare against a baseline when one is given
 
 
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
-def test_kfp_local_compare_step_reports_and_stops_on_the_gate(versions, tmp_path, monkeypatch):
+@pytest.fixture
+def kfp_local(tmp_path, monkeypatch):
+    """kfp.local in-process subprocess runner, run from tmp_path, with its pipeline root at tmp_path/root."""
     from kfp import local
 
+    monkeypatch.chdir(tmp_path)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
+def test_kfp_local_compare_step_reports_and_stops_on_the_gate(versions, tmp_path, kfp_local):
     from fusedit.pipelines.data import compare_pipeline
 
     _, v = versions
-    monkeypatch.chdir(tmp_path)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     compare_pipeline(old_uri=str(v["a"][0]), new_uri=str(v["b"][0]), gate=False)
     (doc_file,) = (tmp_path / "root").glob("*/compare-op/differences")
     doc = json.loads(doc_file.read_text())
@@ -249,15 +254,13 @@ def test_the_workflow_compares_against_a_baseline_before_caching(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task:RuntimeWarning")
-def test_kfp_local_compare_op_with_a_baseline_uri_or_none(versions, tmp_path, monkeypatch):
-    from kfp import dsl, local
+def test_kfp_local_compare_op_with_a_baseline_uri_or_none(versions, tmp_path, kfp_local):
+    from kfp import dsl
     from kfp.dsl import Dataset
 
     from fusedit.components.data.component import compare_op
 
     _, v = versions
-    monkeypatch.chdir(tmp_path)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
 
     def pipeline(baseline_uri, new_uri):
         new = dsl.importer(artifact_uri=new_uri, artifact_class=Dataset, reimport=False)

@@ -31,11 +31,11 @@ from fusedit.components.data.examples import image_reader, pick_examples
 from fusedit.components.data.filter_config import FilterConfig
 from fusedit.components.data.shard_pass import is_done, read_lines, run_tasks, write_lines
 from fusedit.components.shared import storage
+from fusedit.components.shared.shards import MANIFEST
 from fusedit.components.shared.tario import TarSink
 from fusedit.errors import UserError
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 # Files of a run that record how it went, not what it decided (timings; Great Expectations' own run
 # history, named by run time): left out of the manifest, and out of DVC's hash of the report (.dvcignore)
 RUN_RECORDS = ("timing.json", "report/validation.json", "report/gx/")
