@@ -103,3 +103,22 @@ def test_objects_keep_their_distance_and_stay_inside(width, height):
             for b in boxes[i + 1:]:
                 gap = max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
                 assert gap >= 0.05 * short, (scenes.caption(scene), a, b)
+
+
+def test_the_caption_decides_the_layout():
+    """Scenes with the same caption put their objects in the same places, up to the jitter (so a small model
+    can learn where to draw from the text alone), and the jitter is used: layouts are not all identical."""
+    rng = random.Random("layout")
+    by_caption: dict[str, list[list[tuple[float, float]]]] = {}
+    for _ in range(1500):
+        scene = scenes.sample_scene(rng, 64, 64)
+        by_caption.setdefault(scenes.caption(scene), []).append([tuple(o["center"]) for o in scene["objects"]])
+    repeated = [layouts for layouts in by_caption.values() if len(layouts) > 1]
+    assert len(repeated) > 20
+    moved = 0.0
+    for layouts in repeated:
+        for other in layouts[1:]:
+            for (ax, ay), (bx, by) in zip(layouts[0], other, strict=True):
+                assert abs(ax - bx) <= 2 * scenes.JITTER + 1e-3 and abs(ay - by) <= 2 * scenes.JITTER + 1e-3
+                moved = max(moved, abs(ax - bx), abs(ay - by))
+    assert moved > scenes.JITTER / 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -49,8 +50,17 @@ def _run(cmd, **kw):
                           **kw)
 
 
+def _cosine_lr(n: int, lr: float, warmup: int, steps: int, floor: float) -> float:
+    """The LR after n steps: linear warm-up over `warmup` steps, then a half cosine from lr to floor x lr."""
+    if n < warmup:
+        return lr * (n + 1) / warmup
+    done = min(1.0, (n - warmup) / (steps - warmup))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done)))
+
+
 def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, tiny_dir, filtered):
-    params = _params(tmp_path)
+    """Under a cosine LR schedule, so the resumed run must also restore where the schedule was."""
+    params = _params(tmp_path, lr=1e-3, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
     full = _run(_cmd(tiny_dir, filtered, params, tmp_path / "full" / "base"))
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "killed" / "base"
@@ -67,6 +77,8 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, tiny_dir, filte
     info = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert 0 < info["start_step"] < 12, "the kill must land mid-stage for this test to mean something"
     assert len(_losses(out)) == 12 and _losses(out) == _losses(tmp_path / "full" / "base")
+    for step, _, lr in _losses(out):  # loss.tsv logs, after step n, the LR of step n + 1
+        assert float(lr) == pytest.approx(_cosine_lr(int(step), 1e-3, 2, 12, 0.1), rel=5e-3), step
     assert (out / "pipeline" / "model_index.json").is_file() and (out / "samples.png").is_file()
     gen = _run([FUSEDIT, "generate", "--pipeline", str(out / "pipeline"), "--prompt", "a red square", "--steps", "2",
                 "--out", str(tmp_path / "g.png")])

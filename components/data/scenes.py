@@ -42,7 +42,7 @@ COUNT_WEIGHTS = (2, 1, 1)  # relative odds of 1, 2 and 3 objects in a one-group 
 # Object radius (relative to the short side) by the number of objects in the scene: fewer, larger
 # objects, so shapes are told apart at the embedded default's 32 px (a lone object is 7-9 px in radius).
 # The README's prompt-following section has what the tiny model reaches on this grammar.
-RADIUS = {1: (0.22, 0.28), 2: (0.16, 0.2), 3: (0.13, 0.16), 4: (0.13, 0.16)}
+RADIUS = {1: (0.24, 0.28), 2: (0.17, 0.19), 3: (0.14, 0.16), 4: (0.13, 0.15)}
 GAP = 0.06  # least gap between two objects' boxes (of the short side): the judge's blobs never touch
 TEXTURE, TEXTURE_AMPLITUDE = 8, 12
 
@@ -68,32 +68,46 @@ def _regions(relation: str | None) -> list[tuple[float, float, float, float]]:
     return [first, second] if subject_first else [second, first]
 
 
-def _layout(rng: random.Random, groups: list[dict[str, Any]], relation: str | None, rx: float, ry: float,
-            gx: float, gy: float, attempts: int = 100) -> list[list[tuple[float, float]]] | None:
-    """Centres (relative) of every group's objects inside its region, each box at least the gap away
-    from every other; None when some object finds no room (the caller redraws the whole layout)."""
-    taken: list[tuple[float, float]] = []
-    out = []
-    for group, (x0, y0, x1, y1) in zip(groups, _regions(relation), strict=True):
-        centres = []
-        for _ in range(group["count"]):
-            for _attempt in range(attempts):
-                c = (rng.uniform(x0 + rx, x1 - rx), rng.uniform(y0 + ry, y1 - ry))
-                if all(abs(c[0] - t[0]) >= 2 * rx + gx or abs(c[1] - t[1]) >= 2 * ry + gy for t in taken):
-                    break
-            else:
-                return None
-            taken.append(c)
-            centres.append(c)
-        out.append(centres)
-    return out
+# Where a group's objects sit in its region (relative to it), by count: a layout the caption decides, so
+# a small model can learn it; JITTER (of the short side) moves each object about its anchor.
+ANCHORS = {1: [(0.5, 0.5)], 2: [(0.27, 0.5), (0.73, 0.5)], 3: [(0.27, 0.3), (0.73, 0.3), (0.5, 0.73)]}
+JITTER = 0.04
+
+
+def _anchors(count: int, region: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    """A group's anchors in canvas coordinates; a pair lies along the region's long side."""
+    x0, y0, x1, y1 = region
+    pts = ANCHORS[count]
+    if count == 2 and (y1 - y0) > (x1 - x0):
+        pts = [(y, x) for x, y in pts]
+    return [(x0 + ax * (x1 - x0), y0 + ay * (y1 - y0)) for ax, ay in pts]
+
+
+def _layout(rng: random.Random, groups: list[dict[str, Any]], relation: str | None, r: float,
+            gap: float, attempts: int = 20) -> list[list[tuple[float, float]]] | None:
+    """Centres (relative) of every group's objects: each anchor moved by up to JITTER, inside its region
+    and each box at least `gap` from every other; None when the anchors themselves do not fit."""
+    anchors = [_anchors(g["count"], reg) for g, reg in zip(groups, _regions(relation), strict=True)]
+    regions = _regions(relation)
+    for attempt in range(attempts + 1):
+        j = JITTER if attempt < attempts else 0.0  # the last try: the anchors as they are
+        out = [[(ax + rng.uniform(-j, j), ay + rng.uniform(-j, j)) for ax, ay in group] for group in anchors]
+        flat = [(c, reg) for group, reg in zip(out, regions, strict=True) for c in group]
+        inside = all(x0 + r <= c[0] <= x1 - r and y0 + r <= c[1] <= y1 - r for c, (x0, y0, x1, y1) in flat)
+        apart = all(abs(a[0] - b[0]) >= 2 * r + gap or abs(a[1] - b[1]) >= 2 * r + gap
+                    for i, (a, _) in enumerate(flat) for b, _ in flat[i + 1:])
+        if inside and apart:
+            return out
+    return None
 
 
 def sample_scene(rng: random.Random, width: int, height: int) -> dict[str, Any]:
     """A full scene: groups, relation, background and every object's position (JSON-serialisable).
 
-    Invariants: every object lies inside the centred square of the canvas's short side, so the resize-and-
-    centre-crop the feature cache applies keeps every object of the caption whole, at any aspect ratio;
+    Invariants: the caption decides the layout (each object within JITTER of its group's anchor in the
+    group's region: the whole square, or the half the relation names); every object lies inside the
+    centred square of the canvas's short side, so the resize-and-centre-crop the feature cache applies
+    keeps every object of the caption whole, at any aspect ratio;
     no two objects' bounding boxes come closer than GAP (of the short side), so every object is its own
     connected blob; a layout without room is redrawn (new radius and positions), never forced.
     """
@@ -106,7 +120,7 @@ def sample_scene(rng: random.Random, width: int, height: int) -> dict[str, Any]:
     layout = None
     while layout is None:  # in the centred square's own relative coordinates
         radius = rng.uniform(*RADIUS[n_objects])
-        layout = _layout(rng, groups, relation, radius, radius, GAP, GAP)
+        layout = _layout(rng, groups, relation, radius, GAP)
     off_x, off_y = (width - short) / 2, (height - short) / 2
     objects = []
     for gi, (group, centres) in enumerate(zip(groups, layout, strict=True)):

@@ -1,6 +1,7 @@
 """Typed training stages, as declared in params.yaml (`train:`): one pipeline step per stage."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,9 @@ class Stage(BaseModel):
     llm_lr: float = Field(1e-5, ge=0)  # only for trains: dit+llm
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    # after the warm-up: keep the LR, or decay it along a half cosine to min_lr_ratio x LR at the last step
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     trains: Literal["dit", "dit+llm"] = "dit"
     ema_decay: float = Field(0.99, ge=0, lt=1)
@@ -47,6 +51,15 @@ class Stage(BaseModel):
     fp8_matmuls: bool = False
     # where the EMA weights live: auto = on the GPU beside unsharded weights when the memory left holds them
     ema_device: Literal["auto", "host", "device"] = "auto"
+
+    def lr_factor(self, step: int) -> float:
+        """The LR multiplier after `step` optimizer steps: a linear warm-up to 1, then the schedule."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        done = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
     @model_validator(mode="after")
     def _check(self) -> Stage:

@@ -246,8 +246,7 @@ class _Run:
                                 "lr": st.llm_lr})
         self.opt = torch.optim.AdamW(self.groups, weight_decay=st.weight_decay,
                                      fused=d.device.type == "cuda" or None)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / st.warmup_steps) if st.warmup_steps else 1.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, st.lr_factor)
         self.start = 0
         if self.resume is not None:
             distributed.load_optimizer_state(self.model, self.opt, self.resume.objects["optimizer"], d)

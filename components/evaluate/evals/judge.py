@@ -1,8 +1,9 @@
 """An exact, weight-free judge for images of the synthetic scene grammar.
 
-Pixels are assigned to the nearest palette colour (saturated and close enough; the backgrounds are
-near-neutral), split into 4-connected components, and each component is matched against the shapes
-of the grammar rendered by the same drawing code (analysis by synthesis). At small sizes several
+Each pixel is read as a blend of the image's (near-grey) background and one palette colour, as the
+edges of a shape are once an image is resampled to the model's size; pixels at least half covered by a
+colour belong to it. They are split into 4-connected components, and each component is matched
+against the shapes of the grammar rendered by the same drawing code (analysis by synthesis). At small sizes several
 shapes can rasterise to nearly the same pixels, so a component keeps every shape that fits almost as
 well as the best one: the judge never rejects a correct drawing, and a blob that fits no shape is
 not an object. Prompts are then checked as GenEval checks its categories, with shape as the object
@@ -30,8 +31,8 @@ CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "
 
 @dataclass
 class JudgeConfig:
-    max_color_dist: float = 80.0  # RGB distance to the nearest palette colour
-    min_chroma: float = 50.0  # max - min channel; the backgrounds are near-grey
+    max_color_dist: float = 50.0  # RGB distance to the best blend of the background and a palette colour
+    min_chroma: float = 50.0  # max - min channel of the pixels the background colour is estimated from
     min_area_frac: float = 0.002  # of the image; at 32 px that is 2 pixels
     min_iou: float = 0.5  # a component that fits no shape this well is not an object
     min_ring_neutral: float = 0.65  # share of the pixels around a component that must be background
@@ -55,13 +56,31 @@ class Verdict:
     detections: list[Detection] = field(default_factory=list)
 
 
-def segment(rgb: np.ndarray, cfg: JudgeConfig) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) palette index, -1 where the pixel is background or unsure."""
+def background(rgb: np.ndarray, cfg: JudgeConfig) -> np.ndarray:
+    """(3,) the image's background colour: the median of its near-grey pixels (mid-grey when it has none)."""
+    px = rgb.reshape(-1, 3).astype(np.float32)
+    grey = (px.max(-1) - px.min(-1)) < cfg.min_chroma
+    return np.median(px[grey], axis=0) if grey.any() else np.full(3, 128.0, np.float32)
+
+
+def segment(rgb: np.ndarray, cfg: JudgeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 -> (H, W) palette index (-1 elsewhere) and the (H, W) background mask.
+
+    Every pixel is read as a blend bg + a (c - bg) of the background and one palette colour c, a in [0, 1]:
+    an image resampled to a smaller size (the training targets are) blends each shape's edge with the
+    background. The best-fitting colour claims the pixel when a >= 0.5 (at least half covered, as a
+    rasteriser decides) and the blend is within max_color_dist of it; a pixel whose best blend has
+    a < 0.5 is background; a pixel no blend fits (noise, an off-palette colour) is neither.
+    """
     px = rgb.astype(np.float32)
-    d = np.linalg.norm(px[:, :, None, :] - PALETTE[None, None], axis=-1)
-    idx = d.argmin(-1)
-    ok = (d.min(-1) <= cfg.max_color_dist) & (px.max(-1) - px.min(-1) >= cfg.min_chroma)
-    return np.where(ok, idx, -1)
+    bg = background(rgb, cfg)
+    d = PALETTE - bg  # (K, 3)
+    a = np.clip(np.einsum("hwc,kc->hwk", px - bg, d) / (d * d).sum(-1), 0.0, 1.0)
+    dist = np.linalg.norm(px[:, :, None, :] - (bg + a[..., None] * d), axis=-1)  # (H, W, K)
+    best = dist.argmin(-1)
+    fits = np.take_along_axis(dist, best[..., None], -1)[..., 0] <= cfg.max_color_dist
+    covered = np.take_along_axis(a, best[..., None], -1)[..., 0] >= 0.5
+    return np.where(fits & covered, best, -1), fits & ~covered
 
 
 def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -149,9 +168,7 @@ def detect(image: Image.Image, cfg: JudgeConfig | None = None) -> list[Detection
     cfg = cfg or JudgeConfig()
     rgb = np.asarray(image.convert("RGB"))
     h, w = rgb.shape[:2]
-    seg = segment(rgb, cfg)
-    px = rgb.astype(np.int16)
-    neutral = (px.max(-1) - px.min(-1)) < cfg.min_chroma
+    seg, neutral = segment(rgb, cfg)
     min_area = max(2, int(cfg.min_area_frac * h * w))
     found = []
     for ci, name in enumerate(PALETTE_NAMES):
