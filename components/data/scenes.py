@@ -87,8 +87,8 @@ def _layout(rng: random.Random, groups: list[dict[str, Any]], relation: str | No
             gap: float, attempts: int = 20) -> list[list[tuple[float, float]]] | None:
     """Centres (relative) of every group's objects: each anchor moved by up to JITTER, inside its region
     and each box at least `gap` from every other; None when the anchors themselves do not fit."""
-    anchors = [_anchors(g["count"], reg) for g, reg in zip(groups, _regions(relation), strict=True)]
     regions = _regions(relation)
+    anchors = [_anchors(g["count"], reg) for g, reg in zip(groups, regions, strict=True)]
     for attempt in range(attempts + 1):
         j = JITTER if attempt < attempts else 0.0  # the last try: the anchors as they are
         out = [[(ax + rng.uniform(-j, j), ay + rng.uniform(-j, j)) for ax, ay in group] for group in anchors]
