@@ -3,10 +3,10 @@
 Each pixel is read as a blend of the image's (near-grey) background and one palette colour, as the
 edges of a shape are once an image is resampled to the model's size; pixels at least half covered by a
 colour belong to it. They are split into 4-connected components, and each component is matched
-against the shapes of the grammar rendered by the same drawing code (analysis by synthesis). At small sizes several
-shapes can rasterise to nearly the same pixels, so a component keeps every shape that fits almost as
-well as the best one: the judge never rejects a correct drawing, and a blob that fits no shape is
-not an object. Prompts are then checked as GenEval checks its categories, with shape as the object
+against the shapes of the grammar rendered by the same drawing code (analysis by synthesis). At small
+sizes several shapes can rasterise to nearly the same pixels, so a component keeps every shape that fits
+almost as well as the best one: the judge never rejects a correct drawing, and a blob that fits no shape
+is not an object. Prompts are then checked as GenEval checks its categories, with shape as the object
 class and colour as the attribute.
 """
 from __future__ import annotations
