@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fusedit.errors import UserError
+from fusedit.model.presets import DEMO_FAMILY
 
 app = typer.Typer(no_args_is_help=True, help="Recipes, parameter counts and tiny local checkpoints.")
 
@@ -42,7 +43,7 @@ def list_recipes() -> None:
 @app.command("init-tiny")
 def init_tiny(
     out: Path = typer.Option(..., help="directory to write llm/, vae/ and pipeline/ into"),
-    family: str = typer.Option("tiny-gemma", help="tiny-gemma or tiny-gemma-2"),
+    family: str = typer.Option(DEMO_FAMILY, help="a tiny-* preset of fusedit.model.presets"),
     seed: int = typer.Option(0),
     kv_gain: float = typer.Option(6.0, min=0.0, help="scale of the LLM's key/value projections (1: plain init)"),
 ) -> None:
@@ -51,7 +52,8 @@ def init_tiny(
     from fusedit.model.presets import LLM_PRESETS
 
     if family not in LLM_PRESETS or not family.startswith("tiny-"):
-        raise UserError(f"--family must be one of tiny-gemma, tiny-gemma-2 (got '{family}')")
+        tinies = ", ".join(p for p in LLM_PRESETS if p.startswith("tiny-"))
+        raise UserError(f"--family must be one of {tinies} (got '{family}')")
     tiny.write_tiny(out, family, seed, kv_gain)
     typer.echo(f"wrote {out}/llm, {out}/vae, {out}/pipeline")
 

@@ -31,7 +31,12 @@ LLM_PRESETS: dict[str, dict[str, Any]] = {
     # tiny shapes of each family, for tests and the embedded default
     "tiny-gemma": {**_GEMMA_2B, **_TINY, "num_key_value_heads": 1},
     "tiny-gemma-2": {**_GEMMA2_2B, **_TINY, "num_key_value_heads": 2, "query_pre_attn_scalar": 16},
+    # the embedded default's stand-in (`fusedit model init-tiny`): twice tiny-gemma's width, so the deep-fusion
+    # DiT that mirrors it is 128 wide (at 64 the toy model drew triangles, diamonds and stars as round blobs)
+    "tiny-gemma-wide": {**_GEMMA_2B, **_TINY, "num_key_value_heads": 1, "hidden_size": 128, "head_dim": 32,
+                        "intermediate_size": 256},
 }
+DEMO_FAMILY = "tiny-gemma-wide"  # the embedded default's stand-in LLM (`fusedit model init-tiny`)
 
 
 def llm_config(name: str, **overrides: Any):

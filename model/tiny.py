@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fusedit.model.presets import llm_config
+from fusedit.model.presets import DEMO_FAMILY, llm_config
 
 _WORDS = {
     "colour": "red green blue yellow orange purple pink brown black white gray cyan".split(),
@@ -118,7 +118,7 @@ def build_clip(out_dir: str | Path, vocab_size: int = 512, dim: int = 32, seed: 
     tok.save_pretrained(str(out / "tokenizer"))
 
 
-def write_tiny(out: Path, family: str = "tiny-gemma", seed: int = 0, kv_gain: float = 6.0) -> Path:
+def write_tiny(out: Path, family: str = DEMO_FAMILY, seed: int = 0, kv_gain: float = 6.0) -> Path:
     """out/llm (tokenizer + LLM), out/vae and out/pipeline: the embedded default's local checkpoints."""
     from fusedit.model.config import load_recipe
     from fusedit.model.pipeline import FuseDiTPipeline

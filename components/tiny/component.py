@@ -22,7 +22,7 @@ def tiny_op(tiny: Output[Model], recipe: str, overrides: list = []) -> list:  # 
     if recipe == "tiny" and not any(o.startswith("model.llm=") for o in out):
         from fusedit.model.tiny import write_tiny
 
-        write_tiny(Path(tiny.path), "tiny-gemma", seed=0)
+        write_tiny(Path(tiny.path), seed=0)
         out.append(f"model.llm={Path(tiny.path) / 'llm'}")
     else:
         Path(tiny.path).mkdir(parents=True, exist_ok=True)
