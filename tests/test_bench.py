@@ -81,3 +81,27 @@ def test_train_loop_bench_rows_train_the_same_numbers():
                                             "inputs ahead, eager, EMA on host"]
     assert all(float(r[1]) > 0 for r in rows)
     assert len({r[3].strip() for r in rows}) == 1, rows  # the same final loss, to the printed digit
+
+
+def test_curve_plot_draws_each_score_at_its_steps():
+    """bench/prompt_following_curve.py's SVG: one line per plotted score, each point at its (steps, score)."""
+    import importlib.util
+    import xml.etree.ElementTree as ET
+
+    spec = importlib.util.spec_from_file_location("curve", BENCH / "prompt_following_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    table = ("steps\toverall\ttext_blind_overall\tcolors\tsingle_object\n"
+             "1000\t0.2\t0.1\t0.4\t0.3\n2000\t0.5\t0.2\t0.8\t0.9\n")
+    w, h, m = 400, 200, 40
+    root = ET.fromstring(curve.plot(table, budget=4000, w=w, h=h, m=m))
+    lines = [e for e in root.iter("{http://www.w3.org/2000/svg}polyline") if e.get("stroke-width") == "2"]
+    assert len(lines) == 4
+    want = {"overall": [0.2, 0.5], "text_blind_overall": [0.1, 0.2], "colors": [0.4, 0.8], "single_object": [0.3, 0.9]}
+    for line, (col, scores) in zip(lines, want.items(), strict=True):
+        pts = [float(v) for p in line.get("points").split() for v in p.split(",")]
+        expect = [v for s, y in zip((1000, 2000), scores, strict=True)
+                  for v in (m + s / 4000 * (w - 2 * m), h - m - y * (h - 2 * m))]
+        assert pts == pytest.approx(expect, abs=0.06), col
+    budget = [e for e in root.iter("{http://www.w3.org/2000/svg}line") if e.get("stroke-dasharray")]
+    assert [float(budget[0].get("x1"))] == pytest.approx([w - m])  # the budget is the axis' end here

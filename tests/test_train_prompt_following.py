@@ -1,9 +1,10 @@
 """The embedded default's model follows its prompt: the caption alone decides what it draws.
 
 A 16 px grey canvas with one square whose colour the caption names ("a red square"; position jittered):
-with the embedded default's stand-in LLM (`fusedit model init-tiny`: key/value projections at a trained
-LM's scale), 800 training steps are enough for each named colour to come out. With plain random init
-(keys ~6x smaller) the same budget draws one colour for every prompt.
+with a tiny Gemma (`tiny-gemma`, 64 wide) whose key/value projections are scaled to a trained LM's size as
+the embedded default's are (`fusedit model init-tiny --kv-gain 6`), 800 training steps are enough for each
+named colour to come out. With plain random init (keys ~6x smaller) the same budget draws one colour for
+every prompt.
 """
 from __future__ import annotations
 
