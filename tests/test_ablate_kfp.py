@@ -91,7 +91,8 @@ def test_result_and_compare_bodies_make_the_report_from_a_run_root(tmp_path, mon
         res = dsl.Artifact(name="result", uri=str(tmp_path / "results" / name))
         metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "m"), metadata={"synthetic/overall": 0.25})
         final = dsl.Model(name="model", uri=str(tmp_path / "none"), metadata={"stage": "base"})
-        run = dict(item, run=name, variant=name if name == "bare" else "deep", overrides={})
+        run = dict(item, run=name, variant=name if name == "bare" else "deep", overrides={},
+                   paper={"expect": "lower"} if name == "bare" else None)
         run_result_op.python_func(result=res, run=run, stages=["base"], eval_metrics=metrics, final=final,
                                   run_root=root, overrides=[])
         results.append(res)
@@ -114,3 +115,4 @@ def test_result_and_compare_bodies_make_the_report_from_a_run_root(tmp_path, mon
     assert doc["variants"]["bare"]["delta"]["synthetic/overall"]["delta"] == pytest.approx(
         0.25 - doc["variants"]["deep"]["metrics"]["synthetic/overall"]["mean"])
     assert "| bare |" in Path(summary.path).read_text() and "<polyline" in Path(report.path).read_text()
+    assert [(c["variant"], c["verdict"]) for c in doc["claims"]] == [("bare", "not resolved")]  # one seed

@@ -18,6 +18,8 @@ from tests.repo_helpers import chromium_dom
 
 CATS = ["single_object", "colors"]
 VARIANTS = ["deep", "shallow-self", "no-temb"]
+CLAIMS = {"shallow-self": {"expect": "higher", "metric": "train/base/final_loss", "source": "unit"},
+          "no-temb": {"expect": "not_worse", "margin": 0.05}}
 
 
 def write_eval(root: Path, verdicts: list[bool], color: tuple[int, int, int]) -> dict:
@@ -35,8 +37,9 @@ def write_eval(root: Path, verdicts: list[bool], color: tuple[int, int, int]) ->
     write_synthetic_prompts(root / "samples" / "synthetic" / "prompts.jsonl", specs)
     with open(root / "samples" / "synthetic" / "judgements.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    blind = score_verdicts([(s, not r["correct"]) for s, r in zip(specs, rows, strict=True)])
     metrics = {"synthetic": dict(score_verdicts([(s, r["correct"]) for s, r in zip(specs, rows, strict=True)]),
-                                 images=len(rows))}
+                                 images=len(rows), **{f"text_blind_{k}": v for k, v in blind.items()})}
     (root / "metrics.json").write_text(json.dumps(metrics))
     return metrics
 
@@ -60,7 +63,7 @@ def make_run(runs: Path, variant: str, seed: int, verdicts: list[bool], final_lo
     (d / "run.json").write_text(json.dumps({
         "spec": "unit", "run": d.name, "variant": variant, "seed": seed, "recipe": "tiny",
         "overrides": {} if variant == "deep" else {"x": variant}, "reference": "deep", "variants": VARIANTS,
-        "trainable_params": 1000 + VARIANTS.index(variant)}))
+        "trainable_params": 1000 + VARIANTS.index(variant), "paper": CLAIMS.get(variant)}))
     return d
 
 
@@ -103,7 +106,52 @@ def test_deltas_against_the_reference_are_paired_t_intervals_over_seeds(reported
     assert m["mean"] == pytest.approx(0.100) and m["n"] == 3 and m["values"] == {"1": 0.100, "2": 0.110, "3": 0.090}
     assert not any("images_per_s" in k for k in doc["metrics"])  # wall-clock figures are not tracked results
     assert doc["variants"]["no-temb"]["metrics"]["trainable_params"]["mean"] == 1002
-    assert "synthetic/images" not in doc["metrics"] and doc["metrics"][0] == "synthetic/overall"
+    assert "synthetic/images" not in doc["metrics"] and doc["metrics"][:2] == ["synthetic/overall",
+                                                                             "synthetic/text_blind_overall"]
+    k = doc["metrics"].index("synthetic/colors")  # each text-blind score beside its own
+    assert doc["metrics"][k + 1] == "synthetic/text_blind_colors"
+
+
+def test_metric_means_carry_95_intervals_over_seeds(reported):
+    _, files, doc = reported
+    vals = [_overall(GRID[("deep", s)][0]) for s in (1, 2, 3)]
+    lo, hi = stats.t.interval(0.95, 2, loc=sum(vals) / 3, scale=stats.sem(vals))
+    m = doc["variants"]["deep"]["metrics"]["synthetic/overall"]
+    assert m["mean"] == pytest.approx(sum(vals) / 3) and (m["lo"], m["hi"]) == pytest.approx((lo, hi))
+    assert doc["variants"]["no-temb"]["metrics"]["synthetic/overall"]["lo"] is None  # one seed: no interval
+    assert f"| synthetic/overall | {sum(vals) / 3:.3f} [{lo:.3f}, {hi:.3f}] |" in files["markdown"].read_text()
+
+
+def test_each_paper_claim_gets_the_verdict_of_its_metrics_interval(reported):
+    _, files, doc = reported
+    got = {c["variant"]: c for c in doc["claims"]}
+    assert set(got) == set(CLAIMS)  # the reference makes no claim
+    loss = got["shallow-self"]
+    diffs = [GRID[("shallow-self", s)][1] - GRID[("deep", s)][1] for s in (1, 2, 3)]
+    lo, hi = stats.t.interval(0.95, 2, loc=sum(diffs) / 3, scale=stats.sem(diffs))
+    assert loss["metric"] == "train/base/final_loss" and (loss["delta"]["lo"], loss["delta"]["hi"]) == pytest.approx(
+        (lo, hi))
+    assert loss["verdict"] == ("reproduced" if lo > 0 else "contradicted" if hi < 0 else "not resolved")
+    assert got["no-temb"]["verdict"] == "not resolved"  # one seed cannot resolve anything
+    md = files["markdown"].read_text()
+    assert "## The paper's claims" in md and f"| **{loss['verdict']}** | unit |" in md
+    assert "<table id='claims'>" in files["html"].read_text()
+
+
+@pytest.mark.parametrize("expect, margin, lo, hi, want", [
+    ("higher", 0.0, 0.01, 0.2, "reproduced"), ("higher", 0.0, -0.2, -0.01, "contradicted"),
+    ("higher", 0.0, -0.1, 0.1, "not resolved"),
+    ("lower", 0.0, -0.2, -0.01, "reproduced"), ("lower", 0.0, 0.01, 0.2, "contradicted"),
+    ("lower", 0.0, -0.1, 0.1, "not resolved"),
+    ("not_worse", 0.05, -0.04, 0.1, "reproduced"), ("not_worse", 0.05, -0.2, -0.06, "contradicted"),
+    ("not_worse", 0.05, -0.1, 0.02, "not resolved"), ("not_worse", 0.05, -0.04, -0.01, "reproduced"),
+    ("higher", 0.0, None, None, "not resolved"),
+])
+def test_claim_verdicts_read_the_interval(expect, margin, lo, hi, want):
+    from fusedit.components.ablate.claims import Claim, verdict
+
+    d = {"delta": 0.0 if lo is None else (lo + hi) / 2, "lo": lo, "hi": hi}
+    assert verdict(Claim(expect=expect, margin=margin), d) == want
 
 
 def test_markdown_and_html_hold_every_variant_the_loss_plot_and_the_grid(reported):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fusedit.components.ablate.driver import run_record
 from fusedit.components.ablate.spec import apply_params, cache_overrides, load_spec, runs
 from fusedit.errors import UserError
 from fusedit.model.config import load_recipe, recipe_names
@@ -55,6 +56,14 @@ def test_toy_grid_runs_are_the_papers_comparisons_on_the_tiny_recipe():
     assert json.loads(doc["model"]["overrides"]) == {"timestep_conditioning": "none"}
     assert json.loads(doc["model"]["cache_overrides"]) == {}  # the text features stay the base recipe's
     assert doc["train"]["stages"][0]["steps"] == spec.stages["base"]["steps"]
+    # the paper's findings, each against deep: both shallow baselines align worse, no timestep input costs
+    # nothing, 1D+2D RoPE beats the APE
+    assert {v.name: v.paper.expect for v in spec.variants if v.paper} == {
+        "shallow-self": "lower", "shallow-cross": "lower", "no-temb": "not_worse", "2d-rope": "higher"}
+    assert all(v.paper.metric == "synthetic/overall" for v in spec.variants if v.paper)
+    rec = run_record(spec, next(r for r in runs(spec) if r.variant == "no-temb"))  # what run.json carries
+    assert rec["paper"] == {"expect": "not_worse", "metric": "synthetic/overall", "margin": 0.05,
+                            "source": spec.variants[3].paper.source}
 
 
 def test_only_overrides_that_change_the_text_features_or_frozen_inputs_reach_the_cache():
@@ -93,6 +102,12 @@ def test_several_seeds_make_one_run_per_variant_and_seed(tmp_path):
      "variant 'x': the same model as variant 'deep'"),
     ("  - {name: Bad Name}",
      "variant 'Bad Name' field 'name': String should match pattern"),
+    ("  - {name: x, overrides: {model.pos_embed: 2d-rope}, paper: {expect: better}}",
+     "variant 'x' field 'paper.expect': Input should be 'higher', 'lower' or 'not_worse'"),
+    ("  - {name: x, overrides: {model.pos_embed: 2d-rope}, paper: {expect: not_worse, margin: -0.1}}",
+     "variant 'x' field 'paper.margin': Input should be greater than or equal to 0"),
+    ("  - {name: x, overrides: {model.pos_embed: 2d-rope}, paper: {expect: higher}}\nreference: x",
+     "variant 'x' field 'paper': the reference variant has no claim of its own"),
 ])
 def test_spec_mistakes_are_one_clear_error(tmp_path, variants, message):
     with pytest.raises(UserError) as err:

@@ -71,7 +71,8 @@ def run_result_op(result: Output[Artifact], run: dict, stages: list, eval_metric
         count = trainable_params(run["recipe"], {**run["overrides"], **({"llm": llm[-1]} if llm else {})})
     except Exception:  # noqa: BLE001 - the LLM's config may live where this pod cannot read it
         count = None
-    keys = ("spec", "run", "variant", "seed", "recipe", "overrides", "description", "reference", "variants")
+    keys = ("spec", "run", "variant", "seed", "recipe", "overrides", "description", "reference", "variants",
+            "paper")
     record = {k: run.get(k) for k in keys}
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump({**record, "trainable_params": count or first_count, "run_root": run_root}, f, indent=1)

@@ -146,10 +146,11 @@ def trainable_params(recipe: str, overrides: dict[str, Any], fs=None) -> int | N
 
 
 def run_record(spec: Spec, r: Run, **extra: Any) -> dict[str, Any]:
-    about = next(v.description for v in spec.variants if v.name == r.variant)
+    var = next(v for v in spec.variants if v.name == r.variant)
     return {"spec": spec.name, "run": r.name, "variant": r.variant, "seed": r.seed, "recipe": r.recipe,
-            "overrides": r.model_overrides, "description": about, "reference": spec.reference_variant.name,
-            "variants": [v.name for v in spec.variants], **extra}
+            "overrides": r.model_overrides, "description": var.description,
+            "reference": spec.reference_variant.name, "variants": [v.name for v in spec.variants],
+            "paper": var.paper and var.paper.model_dump(), **extra}
 
 
 def collect(spec: Spec, repo: Path, out: Path, stages: list[str] | None = None) -> dict[str, str]:

@@ -9,12 +9,12 @@ import base64
 import html
 import io
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean
 from typing import Any
 
+from fusedit.components.ablate.claims import Claim, delta, spread, verdict
 from fusedit.components.evaluate.evals.report import flatten
 from fusedit.errors import UserError
 
@@ -63,34 +63,29 @@ def run_metrics(run: Path) -> dict[str, float]:
     return out
 
 
-def _t(df: int) -> float:
-    from scipy.stats import t
+def _order(key: str) -> tuple:
+    """synthetic/overall first, each text-blind score beside its score, training figures last."""
+    suite, _, name = key.rpartition("/")
+    base = name.removeprefix("text_blind_")
+    return (key not in ("synthetic/overall", "synthetic/text_blind_overall"), key.startswith(("train/", "trainable")),
+            suite, base, name != base)
 
-    return float(t.ppf(0.975, df))
 
-
-def delta(ref: dict[int, float], var: dict[int, float]) -> dict[str, Any]:
-    """Mean difference variant - reference with a 95% t-interval: paired over shared seeds, else Welch."""
-    d = mean(var.values()) - mean(ref.values())
-    shared = sorted(set(ref) & set(var))
-    if len(shared) >= 2:
-        diffs = [var[s] - ref[s] for s in shared]
-        dm, sd = mean(diffs), stdev(diffs)
-        half = _t(len(diffs) - 1) * sd / math.sqrt(len(diffs))
-        return {"delta": dm, "lo": dm - half, "hi": dm + half, "n": len(diffs), "method": "paired t"}
-    if len(ref) >= 2 and len(var) >= 2:
-        va, vb = stdev(var.values()) ** 2 / len(var), stdev(ref.values()) ** 2 / len(ref)
-        se = math.sqrt(va + vb)
-        if se == 0:
-            return {"delta": d, "lo": d, "hi": d, "n": min(len(ref), len(var)), "method": "welch t"}
-        df = (va + vb) ** 2 / (va ** 2 / (len(var) - 1) + vb ** 2 / (len(ref) - 1))
-        half = _t(max(1, round(df))) * se
-        return {"delta": d, "lo": d - half, "hi": d + half, "n": min(len(ref), len(var)), "method": "welch t"}
-    return {"delta": d, "lo": None, "hi": None, "n": 1, "method": "single seed"}
+def claims(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every variant's paper claim with the measured delta on its metric and the verdict."""
+    out = []
+    for name, v in doc["variants"].items():
+        if v.get("paper"):
+            c = Claim.model_validate(v["paper"])
+            d = v["delta"].get(c.metric)
+            out.append({"variant": name, "claim": c.describe(), "metric": c.metric, "source": c.source,
+                        "delta": d, "verdict": verdict(c, d) if d else f"not resolved (no {c.metric} measured)"})
+    return out
 
 
 def summarize_runs(dirs: list[Path]) -> dict[str, Any]:
-    """The ablation.json document: per variant its runs, metric means/sd over seeds and deltas vs reference."""
+    """The ablation.json document: per variant its runs, metric means with 95% intervals over seeds,
+    deltas vs the reference and the verdict on each paper claim."""
     recs = [(d, _read_json(d / "run.json")) for d in dirs]
     order = recs[0][1].get("variants") or []
     by_var: dict[str, list[tuple[Path, dict]]] = defaultdict(list)
@@ -116,15 +111,14 @@ def summarize_runs(dirs: list[Path]) -> dict[str, Any]:
             "recipe": first.get("recipe"), "overrides": first.get("overrides") or {},
             "description": first.get("description") or "",
             "seeds": sorted(int(r.get("seed", 0)) for _, r in by_var[name]),
-            "runs": [str(d) for d, _ in by_var[name]],
-            "metrics": {k: {"mean": mean(s.values()), "sd": stdev(s.values()) if len(s) > 1 else 0.0,
-                            "n": len(s), "values": {str(a): b for a, b in sorted(s.items())}}
-                        for k, s in per_seed.items()}}
+            "runs": [str(d) for d, _ in by_var[name]], "paper": first.get("paper"),
+            "metrics": {k: spread(s) for k, s in per_seed.items()}}
     for name in names:
         variants[name]["delta"] = {k: delta(values[reference][k], values[name][k]) for k in keys
                                    if k in values[reference] and k in values[name]} if name != reference else {}
-    keys.sort(key=lambda k: (not k.startswith("synthetic/overall"), k.startswith(("train/", "trainable")), k))
-    return {"spec": recs[0][1].get("spec"), "reference": reference, "metrics": keys, "variants": variants}
+    keys.sort(key=_order)
+    doc = {"spec": recs[0][1].get("spec"), "reference": reference, "metrics": keys, "variants": variants}
+    return {**doc, "claims": claims(doc)}
 
 
 def _fmt(v: float | None, key: str = "") -> str:
@@ -138,7 +132,8 @@ def _fmt(v: float | None, key: str = "") -> str:
 def _cell(m: dict | None, key: str) -> str:
     if not m:
         return ""
-    return _fmt(m["mean"], key) + (f" ± {_fmt(m['sd'], key)}" if m["n"] > 1 else "")
+    return _fmt(m["mean"], key) + (f" [{_fmt(m['lo'], key)}, {_fmt(m['hi'], key)}]" if m.get("lo") is not None
+                                   else "")
 
 
 def _dcell(d: dict | None, key: str) -> str:
@@ -157,7 +152,7 @@ def _describe(v: dict) -> str:
 def markdown(doc: dict) -> str:
     names, keys, ref = list(doc["variants"]), doc["metrics"], doc["reference"]
     head = "| metric | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-    lines = [f"# Ablation `{doc['spec']}`", "", f"Reference: **{ref}**; mean ± sd over seeds.", "",
+    lines = [f"# Ablation `{doc['spec']}`", "", f"Reference: **{ref}**; mean and 95% t-interval over seeds.", "",
              "| variant | recipe | seeds | what |", "|---|---|---|---|"]
     lines += [f"| {n} | {_describe(v)} | {', '.join(map(str, v['seeds']))} | {v.get('description', '')} |"
               for n, v in doc["variants"].items()]
@@ -170,6 +165,11 @@ def markdown(doc: dict) -> str:
                   "| metric | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
         lines += [f"| {k} | " + " | ".join(_dcell(doc["variants"][n]["delta"].get(k), k) for n in others) + " |"
                   for k in keys]
+    if doc.get("claims"):
+        lines += ["", "## The paper's claims", "",
+                  "| variant | claim | variant - reference (95% CI) | verdict | source |", "|---|---|---|---|---|"]
+        lines += [f"| {c['variant']} | {c['claim']} | {_dcell(c['delta'], c['metric'])} | **{c['verdict']}** | "
+                  f"{c['source']} |" for c in doc["claims"]]
     return "\n".join(lines) + "\n"
 
 
@@ -310,7 +310,7 @@ def html_page(doc: dict) -> str:
                    for n, v in doc["variants"].items())
     parts = [f"<h1>Ablation: {esc(str(doc['spec']))}</h1>",
              f"<table><tr><th>variant</th><th>recipe</th><th>seeds</th><th>what</th></tr>{rows}</table>",
-             "<h2>Metrics</h2><p>mean ± sd over seeds</p><table id='metrics'><tr><th>metric</th>"
+             "<h2>Metrics</h2><p>mean and 95% t-interval over seeds</p><table id='metrics'><tr><th>metric</th>"
              + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>"
              + "".join(f"<tr><td>{esc(k)}</td>" + "".join(
                  f"<td>{_cell(doc['variants'][n]['metrics'].get(k), k)}</td>" for n in names) + "</tr>"
@@ -328,6 +328,14 @@ def html_page(doc: dict) -> str:
                          f"<td{cls(doc['variants'][n]['delta'].get(k))}>"
                          f"{_dcell(doc['variants'][n]['delta'].get(k), k)}</td>" for n in others) + "</tr>"
                          for k in keys) + "</table>")
+    if doc.get("claims"):
+        parts.append("<h2>The paper's claims</h2><p>reproduced / contradicted when the paired 95% interval of "
+                     "variant - reference lies on one side (see components/ablate/claims.py); otherwise not "
+                     "resolved at this scale</p><table id='claims'><tr><th>variant</th><th>claim</th>"
+                     "<th>variant - reference</th><th>verdict</th><th>source</th></tr>" + "".join(
+                         f"<tr><td>{esc(c['variant'])}</td><td class='p'>{esc(c['claim'])}</td>"
+                         f"<td>{_dcell(c['delta'], c['metric'])}</td><td class='p'><b>{esc(c['verdict'])}</b></td>"
+                         f"<td class='p'>{esc(c['source'])}</td></tr>" for c in doc["claims"]) + "</table>")
     stages = sorted({p.parent.name for v in doc["variants"].values() for r in v["runs"]
                      for p in (Path(r) / "train").glob("*/loss.tsv")})
     for st in stages:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fusedit.components.ablate.claims import Claim
 from fusedit.errors import UserError
 
 NAME = r"^[a-z0-9][a-z0-9_-]*$"  # experiment names end up in git refs and KFP task names
@@ -30,6 +31,7 @@ class Variant(BaseModel):
     recipe: str | None = None  # None: the spec's base recipe
     overrides: dict[str, Any] = {}  # dotted model field -> value, applied on top of the recipe
     description: str = ""
+    paper: Claim | None = None  # what the paper found for this change, checked by the report
 
 
 class Spec(BaseModel):
@@ -275,6 +277,9 @@ def parse_spec(raw: Any, src: str, params: dict | None = None) -> Spec:
         seen[v.name] = spec.variants.index(v)
     if spec.reference and spec.reference not in seen:
         raise UserError(f"{src}: reference '{spec.reference}' is not a variant (variants: {', '.join(seen)})")
+    if spec.reference_variant.paper is not None:
+        raise UserError(f"{src}: variant '{spec.reference_variant.name}' field 'paper': the reference variant "
+                        "has no claim of its own (claims compare a variant with the reference)")
     if len(set(spec.seeds)) != len(spec.seeds):
         raise UserError(f"{src}: seeds repeat: {spec.seeds}")
     try:
