@@ -79,3 +79,11 @@ def test_toy_grid_of_two_variants_runs_end_to_end(tmp_path):
         assert lock["mini-deep"]["stages"][stage]["outs"] == lock["mini-no-temb"]["stages"][stage]["outs"]
     assert "--set 'model={\"timestep_conditioning\": \"none\"}'" in lock["mini-no-temb"]["stages"]["train@0"]["cmd"]
     assert lock["mini-deep"]["stages"]["train@0"]["outs"] != lock["mini-no-temb"]["stages"]["train@0"]["outs"]
+    # a commit made after the grid (as during a long one) does not hide its experiments from `collect`
+    first = _run(["git", "rev-parse", "HEAD"], repo, env).strip()
+    (repo / "NOTES.md").write_text("a later commit\n")
+    _run([*GIT, "add", "NOTES.md"], repo, env)
+    _run([*GIT, "commit", "-qm", "later"], repo, env)
+    out = _run([sys.executable, "-m", "fusedit", "ablate", "collect", "ablations/mini.yaml"], repo, env)
+    assert "deep: collected" in out and "no-temb: collected" in out
+    assert json.loads((runs / "deep" / "run.json").read_text())["baseline"] == first

@@ -69,17 +69,33 @@ def _git_head(repo: Path) -> str:
     return res.stdout.strip()
 
 
-def experiments(repo: Path) -> dict[str, dict[str, Any]]:
-    """Experiment name -> {"rev", "state", "log"} for the experiments of the current commit (dvc exp show)."""
+def _baselines(repo: Path, names: set[str]) -> list[str]:
+    """The commits the named experiments ran from (DVC keeps each as `refs/exps/<sha[:2]>/<sha[2:]>/<name>`),
+    oldest experiment first, then HEAD: a commit made while a grid runs does not hide its experiments."""
+    res = subprocess.run(["git", "for-each-ref", "--sort=committerdate", "--format=%(refname)", "refs/exps/"],
+                         cwd=repo, capture_output=True, text=True)
+    head, found = _git_head(repo), []
+    for ref in res.stdout.split():
+        parts = ref.split("/")
+        if len(parts) == 5 and parts[4] in names and parts[2] + parts[3] not in (head, *found):
+            found.append(parts[2] + parts[3])
+    return [*found, head]
+
+
+def experiments(repo: Path, names: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Experiment name -> {"rev", "baseline", "state", "log", ...} for the experiments of the current commit
+    and, for `names`, of whichever commit they ran from (`dvc exp show`); HEAD's win a name clash."""
+    revs = [a for b in _baselines(repo, names or set()) for a in ("--rev", b)]
     out: dict[str, dict[str, Any]] = {}
-    shown = json.loads(dvc(repo, "exp", "show", "--json", "--no-pager").stdout or "[]")
+    shown = json.loads(dvc(repo, "exp", "show", "--json", "--no-pager", *revs).stdout or "[]")
     for commit in shown:
         for exp in commit.get("experiments") or []:
             rev = (exp.get("revs") or [{}])[0]
             ex = exp.get("executor") or {}
             name = exp.get("name") or rev.get("name")
-            if name:
-                out[name] = {"rev": rev.get("rev"), "state": ex.get("state") or "success",
+            if name:  # a later commit's experiment of the same name wins
+                state = ex.get("state") or "success"
+                out[name] = {"rev": rev.get("rev"), "baseline": commit.get("rev"), "state": state,
                              "finished": (rev.get("data") or {}).get("timestamp"),
                              "log": (ex.get("local") or {}).get("log"), "error": exp.get("error") or rev.get("error")}
     return out
@@ -159,7 +175,7 @@ def collect(spec: Spec, repo: Path, out: Path, stages: list[str] | None = None) 
 
     params = yaml.safe_load((repo / "params.yaml").read_text()) or {}
     stages = stages or [s["name"] for s in params.get("train", {}).get("stages", [])]
-    found = experiments(repo)
+    found = experiments(repo, {r.experiment for r in runs(spec)})
     status: dict[str, str] = {}
     out.mkdir(parents=True, exist_ok=True)
     for r in runs(spec):
@@ -186,8 +202,9 @@ def collect(spec: Spec, repo: Path, out: Path, stages: list[str] | None = None) 
         (dest / "eval").mkdir(parents=True, exist_ok=True)
         fs.get_file(f"{EVAL_ROOT}/metrics.json", str(dest / "eval" / "metrics.json"))
         n = _copy_tree(fs, f"{EVAL_ROOT}/samples", dest / "eval" / "samples")
-        record = run_record(spec, r, experiment=r.experiment, rev=exp["rev"], finished=exp.get("finished"),
-                            trainable_params=trainable_params(r.recipe, r.model_overrides, fs))
+        count = trainable_params(r.recipe, r.model_overrides, fs)
+        record = run_record(spec, r, experiment=r.experiment, rev=exp["rev"], baseline=exp.get("baseline"),
+                            finished=exp.get("finished"), trainable_params=count)
         (dest / "run.json").write_text(json.dumps(record, indent=1))
         status[r.name] = f"collected ({n} sample files)"
     return status
