@@ -166,7 +166,7 @@ def run_record(spec: Spec, r: Run, **extra: Any) -> dict[str, Any]:
     return {"spec": spec.name, "run": r.name, "variant": r.variant, "seed": r.seed, "recipe": r.recipe,
             "overrides": r.model_overrides, "description": var.description,
             "reference": spec.reference_variant.name, "variants": [v.name for v in spec.variants],
-            "paper": var.paper and var.paper.model_dump(), **extra}
+            **({"paper": var.paper.model_dump()} if var.paper else {}), **extra}  # KFP items hold no nulls
 
 
 def collect(spec: Spec, repo: Path, out: Path, stages: list[str] | None = None) -> dict[str, str]:
