@@ -14,7 +14,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from fusedit.components.ablate.claims import Claim, delta, spread, verdict
+from fusedit.components.ablate.claims import UNRESOLVED, Claim, delta, spread, verdict
 from fusedit.components.evaluate.evals.report import flatten
 from fusedit.errors import UserError
 
@@ -79,7 +79,7 @@ def claims(doc: dict[str, Any]) -> list[dict[str, Any]]:
             c = Claim.model_validate(v["paper"])
             d = v["delta"].get(c.metric)
             out.append({"variant": name, "claim": c.describe(), "metric": c.metric, "source": c.source,
-                        "delta": d, "verdict": verdict(c, d) if d else f"not resolved (no {c.metric} measured)"})
+                        "delta": d, "verdict": verdict(c, d) if d else f"{UNRESOLVED} (no {c.metric} measured)"})
     return out
 
 
