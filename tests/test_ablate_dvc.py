@@ -87,3 +87,31 @@ def test_toy_grid_of_two_variants_runs_end_to_end(tmp_path):
     out = _run([sys.executable, "-m", "fusedit", "ablate", "collect", "ablations/mini.yaml"], repo, env)
     assert "deep: collected" in out and "no-temb: collected" in out
     assert json.loads((runs / "deep" / "run.json").read_text())["baseline"] == first
+    # run again: the finished grid is not replaced by accident, and --resume keeps it (nothing re-trained)
+    res = subprocess.run([sys.executable, "-m", "fusedit", "ablate", "run", "ablations/mini.yaml"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "mini-deep, mini-no-temb" in res.stderr and "--resume" in res.stderr
+    out = _run([sys.executable, "-m", "fusedit", "ablate", "run", "ablations/mini.yaml", "--resume"], repo, env)
+    assert "queued 0 experiments" in out and "deep: collected" in out and "no-temb: collected" in out
+
+
+@pytest.mark.parametrize("state, force, resume, removed, queued", [
+    ("failed", False, True, ["mini-no-temb"], ["mini-no-temb"]),  # finished kept, failed replaced
+    ("queued", False, True, [], []),  # still in the queue: left to the queue
+    ("failed", True, False, ["mini-deep", "mini-no-temb"], ["mini-deep", "mini-no-temb"]),
+])
+def test_resume_keeps_finished_runs_and_replaces_failed_ones(monkeypatch, state, force, resume, removed, queued):
+    """The queueing decision alone (the end-to-end test above runs `--resume` on a finished grid): the
+    experiments DVC reports and the `dvc` calls the driver makes are recorded, nothing runs."""
+    from fusedit.components.ablate import driver
+    from fusedit.components.ablate.spec import Spec
+
+    calls = []
+    monkeypatch.setattr(driver, "experiments", lambda repo, names=None: {
+        "mini-deep": {"state": "success"}, "mini-no-temb": {"state": state}})
+    monkeypatch.setattr(driver, "dvc", lambda repo, *args, **kw: calls.append(args))
+    root = Path(__file__).resolve().parents[1]
+    todo = driver.queue(Spec.model_validate(TOY2), root, force=force, resume=resume)
+    assert [r.experiment for r in todo] == queued
+    assert [c[2:] for c in calls if c[:2] == ("exp", "remove")] == ([tuple(removed)] if removed else [])
+    assert [c[c.index("-n") + 1] for c in calls if c[:3] == ("exp", "run", "--queue")] == queued

@@ -41,6 +41,7 @@ def run(
     out: Path = typer.Option(None, help="runs directory (default: data/ablations/<spec name>)"),
     jobs: int = typer.Option(1, min=1, help="experiments at a time (each uses every core it is given)"),
     force: bool = typer.Option(False, help="replace experiments of the same names"),
+    resume: bool = typer.Option(False, help="keep finished and still-queued experiments, re-run failed ones"),
     report: bool = typer.Option(True, help="write OUT/report after collecting"),
 ) -> None:
     """Queue one `dvc exp run` per variant and seed, run the queue, collect the results and report."""
@@ -49,9 +50,10 @@ def run(
     s = _load(spec, Path("params.yaml"))
     repo = Path.cwd()
     t0 = time.time()
-    todo = queue(s, repo, force)
+    todo = queue(s, repo, force, resume)
     typer.echo(f"queued {len(todo)} experiments: {', '.join(r.experiment for r in todo)}")
-    run_queue(repo, jobs)
+    if todo:
+        run_queue(repo, jobs)
     _collect_and_report(s, repo, _runs_dir(out, s), report)
     typer.echo(f"wall time {time.time() - t0:.0f} s")
 

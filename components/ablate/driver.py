@@ -101,8 +101,11 @@ def experiments(repo: Path, names: set[str] | None = None) -> dict[str, dict[str
     return out
 
 
-def queue(spec: Spec, repo: Path, force: bool = False) -> list[Run]:
-    """Queue one experiment per run of the spec (nothing is queued when one name is taken and not `force`)."""
+def queue(spec: Spec, repo: Path, force: bool = False, resume: bool = False) -> list[Run]:
+    """Queue one experiment per run of the spec; returns the runs queued.
+
+    A name already taken stops everything unless `force` (replace it) or `resume` (keep a finished or
+    still-queued experiment, replace a failed one: an interrupted grid goes on where it stopped)."""
     _git_head(repo)
     for f in ("dvc.yaml", "params.yaml"):
         if not (repo / f).is_file():
@@ -111,12 +114,15 @@ def queue(spec: Spec, repo: Path, force: bool = False) -> list[Run]:
     if "overrides" not in (params.get("model") or {}):
         raise UserError(f"{repo / 'params.yaml'}: no model.overrides parameter (the DAG cannot vary the recipe)")
     todo = runs(spec)
-    existing = experiments(repo)
+    existing = experiments(repo, {r.experiment for r in todo} if resume else None)
     taken = [r.experiment for r in todo if r.experiment in existing]
-    if taken and not force:
-        raise UserError(f"experiments already exist: {', '.join(taken)} (pass --force to replace them)")
-    if taken:
-        dvc(repo, "exp", "remove", *taken)
+    if taken and not (force or resume):
+        raise UserError(f"experiments already exist: {', '.join(taken)} (pass --force to replace them, "
+                        "--resume to keep the finished ones)")
+    replace = [n for n in taken if force or existing[n]["state"] == "failed"]
+    if replace:
+        dvc(repo, "exp", "remove", *replace)
+    todo = [r for r in todo if r.experiment not in taken or r.experiment in replace]
     shared = shared_params(spec, params)
     for r in todo:
         sets = [a for k, v in {**shared, **run_params(r)}.items() for a in ("-S", f"{k}={hydra_value(v)}")]
