@@ -41,7 +41,10 @@ lint: setup
 	$(BIN)/ruff check .
 
 # Under CI=true a skip not listed in tests/conftest.py (ALLOWED_SKIPS) fails the run.
-test: setup tools xla-venv sysdeps lint
+# The two venvs and the system packages install side by side (mostly waiting on disk and network).
+test:
+	$(MAKE) --no-print-directory -j3 setup tools xla-venv sysdeps
+	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest -q -rs --durations=15 -n 2 --dist loadfile
 
 demo: setup
