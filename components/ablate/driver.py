@@ -114,7 +114,7 @@ def queue(spec: Spec, repo: Path, force: bool = False, resume: bool = False) -> 
     if "overrides" not in (params.get("model") or {}):
         raise UserError(f"{repo / 'params.yaml'}: no model.overrides parameter (the DAG cannot vary the recipe)")
     todo = runs(spec)
-    existing = experiments(repo, {r.experiment for r in todo} if resume else None)
+    existing = experiments(repo, {r.experiment for r in todo})  # at any baseline commit
     taken = [r.experiment for r in todo if r.experiment in existing]
     if taken and not (force or resume):
         raise UserError(f"experiments already exist: {', '.join(taken)} (pass --force to replace them, "
