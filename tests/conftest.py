@@ -10,11 +10,23 @@ import torch
 
 from fusedit.model import tiny
 from fusedit.model.config import load_recipe
+from tests import warm
 
 REF_TIERS = {
     # recipe -> which tiny LLM stands in for its real one
     "gemma-2": "gemma2", "large-scale": "gemma2", "paligemma": "paligemma",
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_fusedit():
+    """`fusedit` run by name (tests.warm.FUSEDIT, DVC stages under tests.warm.cli_env()) forks from one warm
+    server per test process instead of importing torch afresh; FUSEDIT_TEST_WARM=0 turns it off."""
+    if not warm.ON:
+        yield
+        return
+    with warm.running():
+        yield
 
 
 @pytest.fixture(scope="session")

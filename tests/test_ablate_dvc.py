@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.repo_helpers import repo_copy
+from tests.warm import FUSEDIT, cli_env
 
 GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
 
@@ -37,15 +36,14 @@ TOY2 = {
 @pytest.mark.slow
 def test_toy_grid_of_two_variants_runs_end_to_end(tmp_path):
     repo = repo_copy(tmp_path / "repo")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = cli_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     (repo / "ablations" / "mini.yaml").write_text(yaml.safe_dump(TOY2, sort_keys=False))
     _run(["git", "init", "-q"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
     _run([*GIT, "add", "-A"], repo, env)
     _run([*GIT, "commit", "-qm", "copy"], repo, env)
 
-    out = _run([sys.executable, "-m", "fusedit", "ablate", "run", "ablations/mini.yaml"], repo, env)
+    out = _run([FUSEDIT, "ablate", "run", "ablations/mini.yaml"], repo, env)
     assert "queued 2 experiments: mini-deep, mini-no-temb" in out
     assert "deep: collected" in out and "no-temb: collected" in out
 
@@ -84,14 +82,14 @@ def test_toy_grid_of_two_variants_runs_end_to_end(tmp_path):
     (repo / "NOTES.md").write_text("a later commit\n")
     _run([*GIT, "add", "NOTES.md"], repo, env)
     _run([*GIT, "commit", "-qm", "later"], repo, env)
-    out = _run([sys.executable, "-m", "fusedit", "ablate", "collect", "ablations/mini.yaml"], repo, env)
+    out = _run([FUSEDIT, "ablate", "collect", "ablations/mini.yaml"], repo, env)
     assert "deep: collected" in out and "no-temb: collected" in out
     assert json.loads((runs / "deep" / "run.json").read_text())["baseline"] == first
     # run again: the finished grid is not replaced by accident, and --resume keeps it (nothing re-trained)
-    res = subprocess.run([sys.executable, "-m", "fusedit", "ablate", "run", "ablations/mini.yaml"], cwd=repo, env=env,
+    res = subprocess.run([FUSEDIT, "ablate", "run", "ablations/mini.yaml"], cwd=repo, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "mini-deep, mini-no-temb" in res.stderr and "--resume" in res.stderr
-    out = _run([sys.executable, "-m", "fusedit", "ablate", "run", "ablations/mini.yaml", "--resume"], repo, env)
+    out = _run([FUSEDIT, "ablate", "run", "ablations/mini.yaml", "--resume"], repo, env)
     assert "queued 0 experiments" in out and "deep: collected" in out and "no-temb: collected" in out
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from fusedit.cli import main
 from fusedit.components.data.filter import filter_shards
 from fusedit.components.data.filter_config import FilterConfig
 from fusedit.components.data.synth import synth
+from tests.warm import cli_env
 
 N = 200
 DUPLICATES = ("exact_duplicate", "near_duplicate")
@@ -158,7 +157,7 @@ def test_a_changed_filter_threshold_between_dvc_revisions(versions, tmp_path, ca
     root, v = versions
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = cli_env()
     git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
     stage = {"cmd": f"fusedit data filter --input {root / 'synth-a'} --output data/filtered --config params.yaml "
                     "--section data.filter",

@@ -4,15 +4,14 @@ committed data (read through DVC at that revision) and stops `dvc repro` on the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.repo_helpers import repo_copy
+from tests.warm import cli_env
 
 GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
 
@@ -36,7 +35,7 @@ def test_compare_stage_notes_a_missing_baseline_and_gates_on_the_committed_data(
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["synth"].update(samples=200, shard_size=100, bad_fraction=0.1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = cli_env()
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo, env)
 

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.repo_helpers import repo_copy
+from tests.warm import cli_env
 
 
 def _run(cmd, cwd, env=None):
@@ -26,7 +25,7 @@ def test_dvc_repro_runs_synth_then_filter(tmp_path):
     assert "model" in params and "filter" in params["data"]
     params["data"]["synth"].update(samples=200, shard_size=100)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = cli_env()
     git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo, env)

@@ -4,19 +4,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-FUSEDIT = [str(Path(sys.executable).parent / "fusedit")]
+from tests.warm import FUSEDIT
 
 
 def run(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(FUSEDIT + list(args), capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    return subprocess.run([FUSEDIT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
 def test_summary_json_contract():

@@ -12,7 +12,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -25,8 +24,8 @@ from fusedit.components.data.filter_config import FilterConfig
 from fusedit.components.data.synth import synth
 from fusedit.pipelines.workflow import SECRET_KEYS
 from tests.test_pipeline_workflow import _KFP
+from tests.warm import FUSEDIT
 
-FUSEDIT = str(Path(sys.executable).parent / "fusedit")
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {
     "AWS_ACCESS_KEY_ID": "FDTACCESSKEYQ7ZX9W2M",

@@ -6,7 +6,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,10 +15,7 @@ import yaml
 
 from fusedit.components.train.config import load_train_params
 from fusedit.errors import UserError
-
-FUSEDIT = str(Path(sys.executable).parent / "fusedit")
-
-
+from tests.warm import FUSEDIT, REAL
 
 
 def _params(tmp_path: Path, base_steps=12, **base) -> Path:
@@ -34,8 +30,8 @@ def _params(tmp_path: Path, base_steps=12, **base) -> Path:
     return p
 
 
-def _cmd(tiny_dir, filtered, params, out, stage="base"):
-    return [FUSEDIT, "train", "--recipe", "tiny", "--stage", stage, "--data", str(filtered), "--output", str(out),
+def _cmd(tiny_dir, filtered, params, out, stage="base", exe=FUSEDIT):
+    return [exe, "train", "--recipe", "tiny", "--stage", stage, "--data", str(filtered), "--output", str(out),
             "--params", str(params), "--set", f"model.llm={tiny_dir / 'gemma'}", "--set", "model.resolution=16",
             "--set", "model.max_prompt_length=16"]
 
@@ -64,8 +60,8 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, tiny_dir, filte
     full = _run(_cmd(tiny_dir, filtered, params, tmp_path / "full" / "base"))
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "killed" / "base"
-    proc = subprocess.Popen(_cmd(tiny_dir, filtered, params, out), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(_cmd(tiny_dir, filtered, params, out, exe=REAL), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # a real process
     marker = out / "checkpoints" / "step-00000003" / "COMMITTED"
     deadline = time.time() + 300
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
@@ -85,11 +81,13 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, tiny_dir, filte
     assert gen.returncode == 0, gen.stderr[-2000:]
 
 
-def test_sigterm_saves_and_exits_75(tmp_path, tiny_dir, filtered):
+@pytest.mark.parametrize("exe", [REAL, FUSEDIT], ids=["console-script", "warm"])
+def test_sigterm_saves_and_exits_75(tmp_path, tiny_dir, filtered, exe):
+    """Also through the warm client (tests/warm.py): it forwards the signal, and relays the exit status."""
     params = _params(tmp_path, base_steps=400, save_every=2, keep_last=1)
     out = tmp_path / "term" / "base"
-    proc = subprocess.Popen(_cmd(tiny_dir, filtered, params, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(_cmd(tiny_dir, filtered, params, out, exe=exe), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step-00000002" / "COMMITTED").exists() and time.time() < deadline:
         time.sleep(0.02)

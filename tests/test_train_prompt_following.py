@@ -12,8 +12,6 @@ import io
 import os
 import random
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +25,8 @@ from fusedit.model import tiny
 from fusedit.model.config import load_recipe
 from fusedit.model.pipeline import FuseDiTPipeline
 from tests.data_helpers import write_tar
+from tests.warm import FUSEDIT
 
-FUSEDIT = str(Path(sys.executable).parent / "fusedit")
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 220), "yellow": (240, 215, 30)}
 SIZE = 16
 
