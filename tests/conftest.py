@@ -12,6 +12,16 @@ from fusedit.model import tiny
 from fusedit.model.config import load_recipe
 from tests import warm
 
+# Under pytest-xdist the workers share the machine: each worker, and every process it starts, gets its share
+# of the cores as compute threads instead of a pool the size of the machine (2 workers x 2 threads on 2 cores
+# oversubscribed every torch op). A test that needs a count of its own sets it in its subprocess environment.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_SHARE))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 REF_TIERS = {
     # recipe -> which tiny LLM stands in for its real one
     "gemma-2": "gemma2", "large-scale": "gemma2", "paligemma": "paligemma",

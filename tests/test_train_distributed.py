@@ -22,6 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests import warm
 from tests.test_train import _losses
 
 BIN = Path(sys.executable).parent
@@ -52,27 +53,35 @@ def _train(prefix: list[str], tiny_dir, data, params, out, ok: bool = True) -> s
     return r
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_dir, filtered) -> Path:
+    """The one-process run every strategy is compared with (a world of 1 runs "single" whatever the stage's
+    strategy says: `Dist` in components/train/distributed.py); one warm `fusedit`, no torchrun."""
+    root = tmp_path_factory.mktemp("one")
+    _train([warm.FUSEDIT], tiny_dir, filtered, _params(root, "ddp"), root / "one")
+    return root / "one"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy, extra, killed", [
     ("ddp", {}, False), ("fsdp", {}, True),
     ("hsdp", {}, True),  # one shard group of torchrun's LOCAL_WORLD_SIZE (a node)
     ("hsdp", {"shard_group": 1}, False),  # two replicas of one shard each: the across-node path of HSDP
 ])
-def test_two_processes_match_one(tmp_path, tiny_dir, filtered, strategy, extra, killed):
+def test_two_processes_match_one(tmp_path, tiny_dir, filtered, one_process, strategy, extra, killed):
     params = _params(tmp_path, strategy, **extra)
-    _train([str(BIN / "fusedit")], tiny_dir, filtered, params, tmp_path / "one")
     _train(TORCHRUN, tiny_dir, filtered, params, tmp_path / "two")
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    one, two = _losses(one_process), _losses(tmp_path / "two")
     assert [r[0] for r in one] == [r[0] for r in two] == ["1", "2", "3", "4"]
     for a, b in zip(one, two, strict=True):
         assert abs(float(a[1]) - float(b[1])) < 1e-4 * max(1.0, abs(float(a[1]))), (a, b)
-    w1 = load_file(str(tmp_path / "one" / "checkpoints" / "step-00000004" / "model.safetensors"))
+    w1 = load_file(str(one_process / "checkpoints" / "step-00000004" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000004" / "model.safetensors"))
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-3)
     assert (tmp_path / "two" / "pipeline" / "model_index.json").is_file()
-    _check_distribution(tmp_path / "one", tmp_path / "two", strategy, extra.get("shard_group"))
+    _check_distribution(one_process, tmp_path / "two", strategy, extra.get("shard_group"))
     if killed:
         _sigkill_then_resume(tmp_path, tiny_dir, filtered, strategy, extra, tmp_path / "two")
 
@@ -109,7 +118,7 @@ def _sigkill_then_resume(tmp_path, tiny_dir, filtered, strategy, extra, uninterr
 def test_unsharded_checkpoint_is_refused_under_fsdp(tmp_path, tiny_dir, filtered):
     """A one-process checkpoint's optimizer state (keyed by index) cannot seed FSDP (keyed by name)."""
     params = _params(tmp_path, "fsdp", steps=2)
-    _train([str(BIN / "fusedit")], tiny_dir, filtered, params, tmp_path / "one")
+    _train([warm.FUSEDIT], tiny_dir, filtered, params, tmp_path / "one")
     _params(tmp_path, "fsdp", steps=4)  # the same file, now 4 steps: the rerun resumes the stage
     r = _train(TORCHRUN, tiny_dir, filtered, params, tmp_path / "one", ok=False)
     assert ("error: the checkpoint's optimizer state was saved by one process or ddp and cannot resume under "
