@@ -113,3 +113,19 @@ def test_resume_keeps_finished_runs_and_replaces_failed_ones(monkeypatch, state,
     assert [r.experiment for r in todo] == queued
     assert [c[2:] for c in calls if c[:2] == ("exp", "remove")] == ([tuple(removed)] if removed else [])
     assert [c[c.index("-n") + 1] for c in calls if c[:3] == ("exp", "run", "--queue")] == queued
+
+
+def test_the_driver_finds_this_venvs_tools_and_keeps_an_activated_path(monkeypatch):
+    """`dvc` and the stages' `fusedit` come from this interpreter's venv even when it is not activated; a PATH
+    that has it already keeps its order (a `fusedit` placed before it, as the test suite's warm one, wins)."""
+    import os
+    import sys
+
+    from fusedit.components.ablate import driver
+
+    bindir = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", "/usr/bin")
+    assert driver._env()["PATH"].split(os.pathsep) == [bindir, "/usr/bin"]
+    activated = os.pathsep.join(["/tmp/warm/bin", bindir, "/usr/bin"])
+    monkeypatch.setenv("PATH", activated)
+    assert driver._env()["PATH"] == activated

@@ -136,8 +136,8 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 @contextmanager
 def running():
-    """Write the client and start the server in the background. Until the server listens (it imports for
-    a few seconds first), the client falls back to the real console script."""
+    """Write the client and start the server in the background. Until the server listens (a moment after it
+    starts) the client falls back to the real console script; from then on a command waits for the import."""
     (DIR / "bin").mkdir(parents=True, exist_ok=True)
     sock = str(DIR / "sock")
     client = DIR / "bin" / "fusedit"
@@ -157,11 +157,11 @@ def running():
 
 def serve(path: str) -> None:
     parent = os.getppid()
-    preload()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".new")
-    os.rename(path + ".new", path)  # clients see the socket only once it accepts
     listener.listen(64)
+    os.rename(path + ".new", path)  # clients see the socket only once it listens
+    preload()  # a client that connects meanwhile waits in the backlog: cheaper than a second import
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     live: dict[int, socket.socket] = {}

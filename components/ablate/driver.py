@@ -49,8 +49,12 @@ def hydra_value(value: Any) -> str:
 
 
 def _env() -> dict[str, str]:
-    """This interpreter's bin directory first on PATH, so `dvc` and the stages' `fusedit` are this venv's."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """This interpreter's bin directory on PATH (first, unless PATH has it already: an activated venv keeps its
+    order), so `dvc` and the stages' `fusedit` are this venv's even when it was not activated."""
+    path, bindir = os.environ.get("PATH", ""), str(Path(sys.executable).parent)
+    if bindir not in path.split(os.pathsep):
+        path = f"{bindir}{os.pathsep}{path}"
+    return {**os.environ, "PATH": path}
 
 
 def dvc(repo: Path, *args: str, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
