@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,9 +120,6 @@ def test_resume_keeps_finished_runs_and_replaces_failed_ones(monkeypatch, state,
 def test_the_driver_finds_this_venvs_tools_and_keeps_an_activated_path(monkeypatch):
     """`dvc` and the stages' `fusedit` come from this interpreter's venv even when it is not activated; a PATH
     that has it already keeps its order (a `fusedit` placed before it, as the test suite's warm one, wins)."""
-    import os
-    import sys
-
     from fusedit.components.ablate import driver
 
     bindir = str(Path(sys.executable).parent)

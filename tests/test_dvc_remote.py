@@ -36,8 +36,8 @@ def _digests(root: Path) -> dict[str, str]:
 def test_shards_push_to_and_pull_from_an_s3_remote(tmp_path, s3_server):
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = cli_env(HF_HUB_OFFLINE="1", **{
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+    env = cli_env(HF_HUB_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                  GIT_COMMITTER_EMAIL="t@t")
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["synth"]
     cmd = stage["cmd"].replace("${data.synth.samples}", "24").replace("${data.synth.seed}", "0")
     cmd = cmd.replace("${data.synth.shard_size}", "8").replace("${data.synth.bad_fraction}", "0.1")

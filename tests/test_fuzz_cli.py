@@ -17,7 +17,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,9 @@ from hypothesis import strategies as st
 
 from fusedit.cli import main
 from tests.fuzzing import assert_names_what_is_wrong, fuzz_case, fuzz_examples, no_hang
+from tests.warm import REAL
 
 ROOT = Path(__file__).resolve().parents[1]
-FUSEDIT = str(Path(sys.executable).parent / "fusedit")
 SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 
 
@@ -254,7 +253,7 @@ def test_cli_executable_with_non_utf8_argv(scratch, words):
     fuzz_case()
     argv = [w if isinstance(w, bytes) else w.encode() for w in words]
     argv = [a.replace(b"\x00", b"_") for a in argv]  # argv cannot carry NUL
-    r = subprocess.run([FUSEDIT.encode(), *argv], capture_output=True, cwd=scratch, timeout=120,
+    r = subprocess.run([REAL.encode(), *argv], capture_output=True, cwd=scratch, timeout=120,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     err = r.stderr.decode("utf-8", "replace")
     assert_contract(r.returncode, r.stdout.decode("utf-8", "replace"), err, argv)

@@ -37,7 +37,7 @@ def _params(tmp_path: Path, strategy: str, name: str | None = None, **extra) -> 
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "fusedit")]
+TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", warm.REAL]
 
 
 def _cmd(prefix: list[str], tiny_dir, data, params, out) -> list[str]:

@@ -10,12 +10,13 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.warm import REAL
 
 ROOT = Path(__file__).resolve().parents[1]
 XLA_BIN = ROOT / ".venv-xla" / "bin"
@@ -137,7 +138,7 @@ def test_xla_spmd_stage_matches_eager_and_shards_over_4_devices(tmp_path, tiny_d
         assert v.device.type == "cpu" and torch.allclose(v, ce.tensors["model"][k], rtol=1e-4, atol=1e-5), k
     state = cx.objects["optimizer"]["state"]
     assert state and all(t.device.type == "cpu" for s in state.values() for t in s.values() if torch.is_tensor(t))
-    gen = subprocess.run([str(Path(sys.executable).parent / "fusedit"), "generate", "--pipeline",
+    gen = subprocess.run([REAL, "generate", "--pipeline",
                           str(xla_out / "pipeline"), "--prompt", "a red square", "--steps", "2", "--out",
                           str(tmp_path / "g.png")], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
