@@ -31,6 +31,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 
 def _register() -> None:
+    """Add every group and command to `app` once per process (`main` may be called many times in one)."""
+    if app.registered_groups or app.registered_commands:
+        return
     groups = {name: import_module(module).app for name, module in GROUPS.items()}
     for (group, name), (module, func) in GROUP_COMMANDS.items():
         groups[group].command(name)(getattr(import_module(module), func))

@@ -271,3 +271,15 @@ def test_internal_errors_say_so(scratch, monkeypatch):
     with contextlib.redirect_stderr(err), pytest.raises(ZeroDivisionError):
         main(["model", "summary", "--recipe", "tiny"])
     assert "internal error (ZeroDivisionError)" in err.getvalue()
+
+
+def test_main_called_again_in_one_process_registers_nothing_twice(scratch):
+    """`main` is called once per command by the fuzz above and the warm server's children: its sub-commands
+    are added to the app once, so the hundredth call costs what the first did (the app once grew per call)."""
+    import fusedit.cli as cli
+
+    for _ in range(3):
+        assert run_main(["eval", "compare", "gone"], scratch)[0] == 2
+    groups = [g.name for g in cli.app.registered_groups]
+    commands = [c.name for c in cli.app.registered_commands]
+    assert sorted(groups) == sorted(cli.GROUPS) and sorted(commands) == sorted(cli.COMMANDS)
