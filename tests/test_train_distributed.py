@@ -37,7 +37,10 @@ def _params(tmp_path: Path, strategy: str, name: str | None = None, **extra) -> 
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", warm.REAL]
+# torchrun's ranks are the warm `fusedit` (each rank a fork of the warm server, with torchrun's environment),
+# except the run that is SIGKILLed: there the ranks are real processes, so the kill lands on them at once.
+TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", warm.FUSEDIT]
+TORCHRUN_REAL = [*TORCHRUN[:-1], warm.REAL]
 
 
 def _cmd(prefix: list[str], tiny_dir, data, params, out) -> list[str]:
@@ -90,7 +93,7 @@ def _sigkill_then_resume(tmp_path, tiny_dir, filtered, strategy, extra, uninterr
     """torchrun and both ranks SIGKILLed after the step-2 checkpoint; the rerun resumes to the same run."""
     params = _params(tmp_path, strategy, name="params-save2.yaml", save_every=2, **extra)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(TORCHRUN, tiny_dir, filtered, params, out), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(TORCHRUN_REAL, tiny_dir, filtered, params, out), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=ENV)
     marker, deadline = out / "checkpoints" / "step-00000002" / "COMMITTED", time.time() + 300
     while not marker.exists() and time.time() < deadline and proc.poll() is None:

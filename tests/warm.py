@@ -14,7 +14,8 @@ When the server cannot be reached, the client execs the real console script inst
 
 What is not the same as a fresh process: state fixed at import time (the server starts with the test
 session's environment) and the parent process. Tests of process behaviour (signals, `python -m fusedit`,
-torchrun, non-UTF-8 argv) start real processes with `sys.executable`.
+a SIGKILLed torchrun, non-UTF-8 argv) start real processes (`REAL`). torchrun may start the client as its
+ranks: each is a fork with torchrun's environment (RANK, WORLD_SIZE, MASTER_PORT, ...).
 """
 from __future__ import annotations
 
