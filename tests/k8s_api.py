@@ -5,6 +5,7 @@ No API server or training operator can run here, so this implements the few endp
 operators' part for real: every pod of a created job becomes a local process running the pod's own command
 and args with its env, envFrom (from the ConfigMaps / Secrets given to the server), a TMPDIR of its own, and
 the variables the operator injects (PET_* for a PyTorchJob's torchrun; TPU_WORKER_ID for a JobSet's hosts).
+A pod finds `fusedit` where the image has it, on PATH: the suite's warm one first (tests/warm.py).
 The job's conditions follow the processes' exit codes, as the controllers report them.
 """
 
@@ -16,13 +17,14 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
+
+from tests import warm
 
 CUSTOM = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
                     r"(?:/(?P<name>[^/]+))?$")
@@ -43,8 +45,7 @@ class Pod:
         self.log = root / f"{name}.log"
         tmp = root / name
         tmp.mkdir(parents=True)
-        full_env = {**os.environ, **env, "TMPDIR": str(tmp),
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        full_env = {**os.environ, **env, "TMPDIR": str(tmp), "PATH": warm.cli_env()["PATH"]}
         self.env = full_env
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(container["command"] + container.get("args", []), env=full_env,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,14 +18,15 @@ import yaml
 from fusedit.components.shared.image import IMAGE
 from fusedit.pipelines.placement import GPU, TPU
 from fusedit.pipelines.workflow import compile_workflow
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [s["name"] for s in yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["stages"]]
 
 
 def _cli(*args, env=None, cwd=ROOT):
-    return subprocess.run([sys.executable, "-c", "from fusedit.cli import main; main()", "pipeline", *args],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+    return subprocess.run([warm.FUSEDIT, "pipeline", *args], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=cwd)
 
 
 def _compiled(path: str) -> tuple[dict, dict]:

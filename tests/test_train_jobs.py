@@ -18,9 +18,9 @@ import yaml
 
 from fusedit.components.train import jobs
 from fusedit.errors import UserError
+from tests import warm
 from tests.k8s_api import K8sStandIn
 from tests.test_train import _losses
-from tests.warm import REAL
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_pytorchjob_two_nodes_train_like_one_process(tmp_path, tiny_dir, filtere
     assert task.outputs["model"].metadata["output"] == str(tmp_path / "jobs" / "base")
 
     one = tmp_path / "one"
-    cmd = [REAL, "train", "--recipe", "tiny", "--stage", "base", "--data", str(filtered),
+    cmd = [warm.FUSEDIT, "train", "--recipe", "tiny", "--stage", "base", "--data", str(filtered),
            "--output", str(one), "--params", str(tmp_path / "p.yaml")]
     (tmp_path / "p.yaml").write_text(_params_text())
     r = subprocess.run(cmd + [a for o in _overrides(tiny_dir) for a in ("--set", o)], capture_output=True,

@@ -2,8 +2,9 @@
 per command, so tests that run `fusedit` by name (DVC stages, `subprocess.run([FUSEDIT, ...])`) do not pay
 for importing torch, transformers and diffusers every time (8-11 s per process on 2 cores).
 
-    with warm.running(): ...      (the session fixture in conftest.py) write the client, start the server
+    with warm.running(): ...      (the session fixture in conftest.py) write the clients, start the server
     warm.FUSEDIT, warm.cli_env()  the `fusedit` to run, and an environment with it first on PATH
+    warm.PYTHON                   what kfp.local's SubprocessRunner runs each task with (`kfp_tasks_warm`)
 
 The client (`DIR/bin/fusedit`) is a few lines of stdlib Python (started with -S): it connects to SOCKET and passes
 its argv, working directory, environment and its own stdin/stdout/stderr file descriptors; the server forks;
@@ -11,6 +12,10 @@ the child takes those descriptors, directory and environment and runs `fusedit.c
 console script runs. The client exits with the child's status (re-raising the signal that killed it),
 forwards SIGINT/SIGTERM/SIGHUP to it, and if the client itself dies (SIGKILL) the server kills the child.
 When the server cannot be reached, the client execs the real console script instead.
+
+The second client (`DIR/kfp/python`) does the same for `python -m kfp.dsl.executor_main ...`, the command
+kfp.local runs for each task of a pipeline (the child runs that module as `python -m` would); any other
+`python` command execs the real interpreter.
 
 What is not the same as a fresh process: state fixed at import time (the server starts with the test
 session's environment) and the parent process. Tests of process behaviour (signals, `python -m fusedit`,
@@ -23,6 +28,7 @@ import atexit
 import json
 import os
 import pkgutil
+import runpy
 import selectors
 import shutil
 import signal
@@ -41,15 +47,17 @@ HEADER = struct.Struct("!I")
 ON = os.environ.get("FUSEDIT_TEST_WARM", "1") != "0"  # FUSEDIT_TEST_WARM=0: every command a fresh process
 DIR = Path(tempfile.gettempdir()) / f"fusedit-warm-{os.getpid()}"  # this test process's server and client
 FUSEDIT = str(DIR / "bin" / "fusedit") if ON else REAL  # what tests run as `fusedit`
+PYTHON = str(DIR / "kfp" / "python") if ON else sys.executable  # kfp.local's tasks' python (not on PATH)
+KFP_TASK = "kfp.dsl.executor_main"  # the module kfp.local's SubprocessRunner runs for each task
 
 CLIENT = '''#!{python} -S
 import json, os, signal, socket, struct, sys
-try:
+{guard}try:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect({sock!r})
 except OSError:
     os.execv({real!r}, [{real!r}, *sys.argv[1:]])
-req = json.dumps({{"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
+req = json.dumps({{"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), **{extra!r}}}).encode()
 try:
     socket.send_fds(s, [struct.pack("!I", len(req)) + req], [0, 1, 2])
     f = s.makefile("rb")
@@ -102,16 +110,13 @@ def _child(req: dict, fds: list[int]) -> None:
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        sys.argv = list(req["argv"])
         threads = os.environ.get("OMP_NUM_THREADS", "")
         if threads.isdigit() and int(threads) > 0:  # the OpenMP runtime read the server's environment at load
             import torch
 
             torch.set_num_threads(int(threads))
-        from fusedit.cli import main
-
         try:
-            main(sys.argv[1:])
+            _run(req)
             code = 0
         except SystemExit as exc:
             if exc.code is None or isinstance(exc.code, int):
@@ -129,6 +134,35 @@ def _child(req: dict, fds: list[int]) -> None:
             os._exit(code)
 
 
+def _run(req: dict) -> None:
+    """What the client's command runs: `fusedit.cli.main`, or a module as `python -m` runs it."""
+    if "module" in req:
+        sys.argv = [req["argv"][0], *req["argv"][3:]]  # python -m MODULE ARGS...: runpy sets argv[0]
+        runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+        return
+    from fusedit.cli import main
+
+    sys.argv = list(req["argv"])
+    main(sys.argv[1:])
+
+
+def kfp_tasks_warm(client: str) -> None:
+    """Make kfp.local's SubprocessRunner (use_venv=False) start each task with the `python` client (path
+    `client`) instead of this interpreter, so the task forks from the warm server. Idempotent; in the test
+    process and in the server (for commands that run kfp.local: `fusedit pipeline run-local`)."""
+    from kfp.local import subprocess_task_handler as handler
+
+    original = handler.replace_python_executable
+    if getattr(original, "warm", False):
+        return
+
+    def replace(full_command: list[str], new_executable: str) -> list[str]:
+        return original(full_command, client if new_executable == sys.executable else new_executable)
+
+    replace.warm = True
+    handler.replace_python_executable = replace
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a command that runs `fusedit` by name (a DVC stage): the client first on PATH."""
     path = os.pathsep.join([str(DIR / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]])
@@ -139,11 +173,15 @@ def cli_env(**extra: str) -> dict[str, str]:
 def running():
     """Write the client and start the server in the background. Until the server listens (a moment after it
     starts) the client falls back to the real console script; from then on a command waits for the import."""
-    (DIR / "bin").mkdir(parents=True, exist_ok=True)
+    for sub in ("bin", "kfp"):
+        (DIR / sub).mkdir(parents=True, exist_ok=True)
     sock = str(DIR / "sock")
-    client = DIR / "bin" / "fusedit"
-    client.write_text(CLIENT.format(python=sys.executable, sock=sock, real=REAL))
-    client.chmod(0o755)
+    guard = (f"if sys.argv[1:3] != ['-m', {KFP_TASK!r}]:\n"
+             f"    os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n")
+    for path, real, guard_, extra in ((FUSEDIT, REAL, "", {}), (PYTHON, sys.executable, guard, {"module": KFP_TASK})):
+        Path(path).write_text(CLIENT.format(python=sys.executable, sock=sock, real=real, guard=guard_, extra=extra))
+        Path(path).chmod(0o755)
+    kfp_tasks_warm(PYTHON)
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen([sys.executable, "-m", "tests.warm", "serve", sock], cwd=root,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL,
@@ -163,6 +201,7 @@ def serve(path: str) -> None:
     listener.listen(64)
     os.rename(path + ".new", path)  # clients see the socket only once it listens
     preload()  # a client that connects meanwhile waits in the backlog: cheaper than a second import
+    kfp_tasks_warm(str(Path(path).parent / "kfp" / "python"))  # this module's DIR is the test process's
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     live: dict[int, socket.socket] = {}

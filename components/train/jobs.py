@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import string
 import sys
 import threading
@@ -126,8 +127,8 @@ class Launcher:
         if api_client is None:
             try:
                 config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
+            except config.ConfigException:  # KUBECONFIG as it is now (kubernetes reads it once, at import)
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
             api_client = client.ApiClient()
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
