@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from kfp import dsl
 
 from fusedit.components.ablate.component import ablation_report_op, run_result_op
 from fusedit.components.ablate.spec import load_spec, runs
+from tests import warm
 from tests.test_ablate_report import GRID, make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ STAGES = [s["name"] for s in yaml.safe_load((ROOT / "params.yaml").read_text())[
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("kfp") / "toy.yaml"
-    r = subprocess.run([sys.executable, "-m", "fusedit", "ablate", "compile", "ablations/toy.yaml", "--out", str(out),
+    r = subprocess.run([warm.FUSEDIT, "ablate", "compile", "ablations/toy.yaml", "--out", str(out),
                         "--parallelism", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     spec, platform = yaml.safe_load_all(out.read_text())

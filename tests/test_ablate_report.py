@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from scipy import stats
 
 from fusedit.components.evaluate.evals.synthetic import score_verdicts
 from fusedit.components.evaluate.evals.synthetic import write_prompts as write_synthetic_prompts
+from tests import warm
 from tests.repo_helpers import chromium_dom
 
 CATS = ["single_object", "colors"]
@@ -178,12 +178,12 @@ def test_report_in_headless_chromium_shows_every_variant(reported, tmp_path):
 
 def test_report_cli(reported, tmp_path):
     runs, _, _ = reported
-    r = subprocess.run([sys.executable, "-m", "fusedit", "ablate", "report", str(runs / "deep-s1"),
+    r = subprocess.run([warm.FUSEDIT, "ablate", "report", str(runs / "deep-s1"),
                         str(runs / "no-temb-s1"), "--out", str(tmp_path / "r")], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     doc = json.loads((tmp_path / "r" / "ablation.json").read_text())
     assert list(doc["variants"]) == ["deep", "no-temb"]
-    r = subprocess.run([sys.executable, "-m", "fusedit", "ablate", "report", str(tmp_path), "--out",
+    r = subprocess.run([warm.FUSEDIT, "ablate", "report", str(tmp_path), "--out",
                         str(tmp_path / "r2")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "no runs (directories with run.json)" in r.stderr

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from fusedit.components.ablate.driver import run_record
 from fusedit.components.ablate.spec import apply_params, cache_overrides, load_spec, runs
 from fusedit.errors import UserError
 from fusedit.model.config import load_recipe, recipe_names
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -134,11 +134,11 @@ def test_cli_rejects_a_conflicting_spec_before_running_anything(tmp_path):
     """`fusedit ablate run` exits 2 with the one line, and no experiment is queued (no git repo is even needed)."""
     spec = _spec(tmp_path, BASE + "  - {name: x, recipe: tiny-shallow, overrides: {model.fusion: deep}}\n")
     (tmp_path / "params.yaml").write_text(PARAMS.read_text())
-    r = subprocess.run([sys.executable, "-m", "fusedit", "ablate", "run", str(spec)], cwd=tmp_path,
+    r = subprocess.run([warm.FUSEDIT, "ablate", "run", str(spec)], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "variant 'x': override 'model.fusion=deep' contradicts" in r.stderr
     assert not (tmp_path / ".dvc").exists() and not (tmp_path / "data").exists()
-    r = subprocess.run([sys.executable, "-m", "fusedit", "ablate", "check", str(ROOT / "ablations" / "toy.yaml")],
+    r = subprocess.run([warm.FUSEDIT, "ablate", "check", str(ROOT / "ablations" / "toy.yaml")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("toy-") == 5 * 3  # variants x seeds

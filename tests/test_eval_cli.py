@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import yaml
 from fusedit.components.evaluate.config import EvalConfig
 from fusedit.components.evaluate.run import evaluate
 from fusedit.errors import UserError
+from tests import warm
 from tests.eval_helpers import export_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def pipe_dir(tmp_path_factory, tiny_dir):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-c", "from fusedit.cli import main; main()", "eval", *args],
+    return subprocess.run([warm.FUSEDIT, "eval", *args],
                           capture_output=True, text=True, timeout=300)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import warm
 from tests.test_pipeline_workflow import _KFP, _tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ PAPER_VALUES = {"geneval_metadata": "s3://bench/geneval/evaluation_metadata.json
 
 
 def _fusedit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fusedit", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([warm.FUSEDIT, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=env)
 
 

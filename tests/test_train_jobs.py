@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kubernetes.config  # noqa: F401 - imported before any test sets KUBECONFIG
 import pytest
 import yaml
 
@@ -120,6 +121,21 @@ def test_retried_step_follows_the_job_of_its_first_attempt(tmp_path):
 
 
 # ---------------------------------------------------------------- two nodes, through the KFP component
+
+
+def test_launcher_reads_kubeconfig_as_it_is_when_created(tmp_path, monkeypatch):
+    """kubernetes reads KUBECONFIG once, at import (done above, before the variable is set, as in a long-lived
+    process such as a warm worker); the launcher loads the file the variable names when it is created."""
+    from kubernetes import client
+
+    before = client.Configuration.get_default_copy()
+    try:
+        with K8sStandIn() as api:
+            monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+            monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+            assert jobs.Launcher().core.api_client.configuration.host == api.url
+    finally:
+        client.Configuration.set_default(before)  # load_kube_config sets the process-wide default
 
 
 @pytest.mark.slow
