@@ -13,7 +13,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
+
+import psutil
 
 PRELOAD = ["torch", "transformers", "diffusers", "fusedit.cli", "fusedit.components.data.filter",
            "fusedit.components.cache.build", "fusedit.components.train.loop", "fusedit.components.evaluate.run",
@@ -33,8 +36,23 @@ def context() -> mp.context.BaseContext:
     return _ctx
 
 
+def _stop_after_first_call(target: str) -> None:
+    """Wrap `module:function` so that this process stops itself (SIGSTOP) as its first call returns: a kill
+    point inside a write that takes milliseconds, which a poll-then-kill could miss on a fast machine."""
+    module, name = target.split(":")
+    owner = import_module(module)
+    original = getattr(owner, name)
+
+    def stop_after(*args, **kwargs):
+        result = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGSTOP)  # the test SIGKILLs the stopped run
+        return result
+
+    setattr(owner, name, stop_after)
+
+
 def _child(argv: list[str], env: dict[str, str], log: str, fsize: int | None = None,
-           log_level: int | None = None) -> None:
+           log_level: int | None = None, stop_after: str | None = None) -> None:
     os.setpgid(0, 0)  # its own process group: a kill takes its pool workers too, as a pod kill would
     if fsize is not None:  # a file-size limit: writes past it fail with EFBIG, as a full disk fails them
         import resource
@@ -51,6 +69,8 @@ def _child(argv: list[str], env: dict[str, str], log: str, fsize: int | None = N
         import logging
 
         logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if stop_after is not None:
+        _stop_after_first_call(stop_after)
     from fusedit.cli import main
 
     try:
@@ -71,11 +91,13 @@ class Run:
     env: dict[str, str] = field(default_factory=dict)
     fsize: int | None = None  # RLIMIT_FSIZE for the child, in bytes
     log_level: int | None = None  # root logging level for the child (e.g. INFO to see a step's resume line)
+    stop_after: str | None = None  # module:function after whose first call the child stops (to be killed)
 
     def start(self) -> mp.process.BaseProcess:
         env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **self.env}
         self._offset = self.log.stat().st_size if self.log.exists() else 0
-        proc = context().Process(target=_child, args=(self.argv, env, str(self.log), self.fsize, self.log_level))
+        proc = context().Process(target=_child, args=(self.argv, env, str(self.log), self.fsize, self.log_level,
+                                                                 self.stop_after))
         proc.start()
         return proc
 
@@ -105,7 +127,8 @@ class Run:
         context()
         proc = self.start()
         t0 = time.perf_counter()
-        while not ready():
+        stopped = (lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED) if self.stop_after else None
+        while not (ready() and (stopped is None or stopped())):  # with stop_after: killed where it stopped
             if not proc.is_alive() or time.perf_counter() - t0 > timeout:
                 proc.join(0.1)
                 if proc.exitcode is None:

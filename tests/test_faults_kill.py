@@ -245,11 +245,16 @@ def _kill_training(run: Run, out: Path, stage: str, points: tuple[int, ...], ste
     assert json.loads((out / RUN_FACTS).read_text())["start_step"] == resumed > 0  # not trained from step 0
 
 
-def _kill_export(run: Run, out: Path, ready, writing: bool) -> None:
+def _kill_export(run: Run, out: Path, ready, writing: bool, stop_after: str | None = None) -> None:
     """Kill a rerun of a finished stage (only the export is left) once it has resumed from the last step and
-    `ready()`; the export must be in flight: the run never reached its end, half a pipeline written or none."""
+    `ready()` (and, with `stop_after`, has stopped itself after that function's first call); the export must
+    be in flight: the run never reached its end, half a pipeline written or none."""
     facts = _stamps(out, RUN_FACTS)
-    assert run.kill_when(lambda: run.said("resuming stage 'base' from step 8") and ready()) == KILLED
+    run.stop_after = stop_after
+    try:
+        assert run.kill_when(lambda: run.said("resuming stage 'base' from step 8") and ready()) == KILLED
+    finally:
+        run.stop_after = None
     _untouched(facts, _stamps(out, RUN_FACTS))  # the run never reached its end (timing.json is its last write)
     assert (out / "pipeline.part").is_dir() == writing  # half an export beside the whole old one, or none yet
     _check_stage(out)
@@ -269,7 +274,8 @@ def test_training_stages_and_export_killed_mid_work_resume_to_the_same_curve(tmp
     base = out / "base"
     _kill_export(runs["base"], base, lambda: True, writing=False)
     _kill_export(runs["base"], base, lambda: (base / "pipeline.part").is_dir(), writing=True)
-    _kill_export(runs["base"], base, lambda: runs["base"].said("Writing model shards"), writing=True)
+    _kill_export(runs["base"], base, lambda: runs["base"].said("Writing model shards"), writing=True,
+                 stop_after="transformers.modeling_utils:safe_save_file")  # after the text encoder's first shard
     runs["base"].complete()
     assert runs["base"].said("resuming stage 'base' from step 8"), runs["base"].tail()
     assert json.loads((base / RUN_FACTS).read_text())["start_step"] == 8  # only the export redone
