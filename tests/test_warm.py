@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +47,24 @@ def test_a_command_gives_the_console_scripts_output_status_and_files(tmp_path):
         assert (tmp_path / "warm" / "s" / name).read_bytes() == (tmp_path / "real" / "s" / name).read_bytes()
     w, r = _both(["model", "summary", "--recipe", "nope"], tmp_path / "warm")
     assert (w.returncode, w.stdout, w.stderr) == (r.returncode, r.stdout, r.stderr) and w.returncode == 2
+
+
+def test_kfp_tasks_fork_and_other_python_commands_run_the_real_interpreter(tmp_path):
+    """The `python` client kfp.local runs its tasks with: `-m kfp.dsl.executor_main` runs in a fork of the
+    server (not a child of the caller), exiting as the real interpreter does; anything else is the real one."""
+    _server_up()
+    code = "import os, sys; print(os.getppid() == int(sys.argv[1]), sys.argv[2:])"
+    r = subprocess.run([warm.PYTHON, "-c", code, str(os.getpid()), "a b"], capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stdout) == (0, "True ['a b']\n"), r.stderr  # exec'd: this test is its parent
+    (tmp_path / "comp.py").write_text("import os, sys\nprint('parent', os.getppid())\nsys.exit(3)\n")
+    task = ["-m", warm.KFP_TASK, "--component_module_path", str(tmp_path / "comp.py"), "--function_to_execute",
+            "f", "--executor_input", "{}"]  # loading the component module prints its parent and exits 3
+    w, real = (subprocess.run([exe, *task], capture_output=True, text=True, timeout=120)
+               for exe in (warm.PYTHON, sys.executable))
+    assert w.returncode == real.returncode == 3, (w.stderr, real.stderr)
+    assert real.stdout.splitlines()[-1] == f"parent {os.getpid()}"
+    assert w.stdout.splitlines()[-1] != f"parent {os.getpid()}", w.stdout  # the server's child
 
 
 def test_the_command_sees_the_callers_environment(tmp_path):

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
@@ -146,21 +147,19 @@ def _run(req: dict) -> None:
     main(sys.argv[1:])
 
 
-def kfp_tasks_warm(client: str) -> None:
+def kfp_tasks_warm(client: str) -> Callable[[], None]:
     """Make kfp.local's SubprocessRunner (use_venv=False) start each task with the `python` client (path
-    `client`) instead of this interpreter, so the task forks from the warm server. Idempotent; in the test
-    process and in the server (for commands that run kfp.local: `fusedit pipeline run-local`)."""
+    `client`) instead of this interpreter, so the task forks from the warm server; returns what undoes it.
+    In the test process and in the server (for commands that run kfp.local: `fusedit pipeline run-local`)."""
     from kfp.local import subprocess_task_handler as handler
 
     original = handler.replace_python_executable
-    if getattr(original, "warm", False):
-        return
 
     def replace(full_command: list[str], new_executable: str) -> list[str]:
         return original(full_command, client if new_executable == sys.executable else new_executable)
 
-    replace.warm = True
     handler.replace_python_executable = replace
+    return lambda: setattr(handler, "replace_python_executable", original)
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -181,7 +180,7 @@ def running():
     for path, real, guard_, extra in ((FUSEDIT, REAL, "", {}), (PYTHON, sys.executable, guard, {"module": KFP_TASK})):
         Path(path).write_text(CLIENT.format(python=sys.executable, sock=sock, real=real, guard=guard_, extra=extra))
         Path(path).chmod(0o755)
-    kfp_tasks_warm(PYTHON)
+    restore = kfp_tasks_warm(PYTHON)
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen([sys.executable, "-m", "tests.warm", "serve", sock], cwd=root,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL,
@@ -189,6 +188,7 @@ def running():
     try:
         yield
     finally:
+        restore()
         proc.terminate()
         proc.wait(timeout=60)
         shutil.rmtree(DIR, ignore_errors=True)
@@ -201,7 +201,7 @@ def serve(path: str) -> None:
     listener.listen(64)
     os.rename(path + ".new", path)  # clients see the socket only once it listens
     preload()  # a client that connects meanwhile waits in the backlog: cheaper than a second import
-    kfp_tasks_warm(str(Path(path).parent / "kfp" / "python"))  # this module's DIR is the test process's
+    kfp_tasks_warm(str(Path(path).parent / "kfp" / "python"))  # DIR here would name the server's own pid
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     live: dict[int, socket.socket] = {}
