@@ -4,7 +4,7 @@ Trains the `base` stage of params.yaml on the demo's cache (data/cache: run `mak
 output directory, extending it budget by budget. Training resumes exactly from its committed checkpoint
 and the learning rate is constant after warm-up, so the run to N steps is the first N steps of one
 straight run. After each budget the exported EMA pipeline is evaluated with params.yaml's `eval`
-settings; the score, its text-blind baseline (same images, shuffled prompts) and the per-category
+settings; the score, its text-blind baseline (same images, every other prompt of the category) and the per-category
 scores are printed and written to bench/prompt_following_curve.tsv, and plotted (overall, text-blind,
 colors, single_object against steps, the demo's budget marked) in bench/prompt_following_curve.svg (the
 README shows both). `--replot` redraws the SVG from the TSV without training.

@@ -30,7 +30,7 @@ TOY2 = {
     "stages": {"base": {"steps": 3, "batch_size": 4, "warmup_steps": 0, "save_every": 3, "log_every": 1,
                         "sample_every": 3},
                "joint": {"steps": 2, "batch_size": 4, "save_every": 2, "log_every": 1}},
-    "eval": {"steps": 2, "batch_size": 8, "synthetic_per_category": 1},
+    "eval": {"steps": 2, "batch_size": 8, "synthetic_per_category": 1, "images_per_prompt": 1},  # params.yaml: 4
     "variants": [{"name": "deep"}, {"name": "no-temb", "overrides": {"model.timestep_conditioning": "none"}}],
 }
 

@@ -122,3 +122,19 @@ def test_the_caption_decides_the_layout():
                 assert abs(ax - bx) <= 2 * scenes.JITTER + 1e-3 and abs(ay - by) <= 2 * scenes.JITTER + 1e-3
                 moved = max(moved, abs(ax - bx), abs(ay - by))
     assert moved > scenes.JITTER / 2
+
+
+def test_few_large_objects_per_scene():
+    """The grammar the toy model can learn at 32 px: a lone object 7-9 px in radius, a pair of groups one
+    object each (about 6 px), at most three objects (of one group); every count and size appears."""
+    rng = random.Random("sizes")
+    seen: dict[tuple[int, ...], list[float]] = {}
+    for _ in range(600):
+        scene = scenes.sample_scene(rng, 32, 32)
+        counts = tuple(g["count"] for g in scene["groups"])
+        seen.setdefault(counts, []).extend(o["radius"] * 32 for o in scene["objects"])
+        assert len(scene["objects"]) == sum(counts) <= 3
+    assert set(seen) == {(1,), (2,), (3,), (1, 1)}
+    assert 7.6 <= min(seen[(1,)]) and max(seen[(1,)]) <= 9.0
+    assert 5.7 <= min(seen[(1, 1)]) and max(seen[(1, 1)]) <= 6.4
+    assert min(seen[(3,)]) >= 4.4

@@ -100,7 +100,7 @@ def test_fid_and_clipscore_suites(tmp_path, pipe_dir, tiny_dir):
 
 
 def test_params_yaml_draws_each_benchmark_with_its_own_images_per_prompt(tmp_path, pipe_dir):
-    """params.yaml's eval section: GenEval 4 images per prompt, DPG-Bench 4 in a 2x2 grid, synthetic 1."""
+    """params.yaml's eval section: GenEval 4 images per prompt, DPG-Bench 4 in a 2x2 grid, synthetic 4."""
     meta = tmp_path / "evaluation_metadata.jsonl"
     meta.write_text("".join(json.dumps(r) + "\n" for r in GENEVAL_ROWS[:2]))
     prompts = tmp_path / "prompts"
@@ -115,8 +115,8 @@ def test_params_yaml_draws_each_benchmark_with_its_own_images_per_prompt(tmp_pat
         assert sorted(p.name for p in (out / "geneval" / f"{i:05d}" / "samples").iterdir()) == [
             f"{k:05d}.png" for k in range(4)]
     assert Image.open(out / "dpg" / "whoops3.png").size == (16, 16)  # 2x2 tiles of 8 px
-    assert len(list((out / "synthetic").rglob("*.png"))) == 6
-    used = {"synthetic": 1.0, "geneval": 4.0, "dpg": 4.0}
+    assert len(list((out / "synthetic").rglob("*.png"))) == 6 * 4
+    used = {"synthetic": 4.0, "geneval": 4.0, "dpg": 4.0}
     assert {s: res.metrics[s]["images_per_prompt"] for s in used} == used
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {s: saved[s]["images_per_prompt"] for s in used} == used

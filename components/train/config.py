@@ -36,7 +36,7 @@ class Stage(BaseModel):
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     sample_every: int = Field(0, ge=0)  # 0: only at the end
-    sample_prompts: list[str] = ["two red circles to the left of a blue square", "a green triangle"]
+    sample_prompts: list[str] = ["a red circle to the left of a blue square", "two green triangles"]
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     strategy: Literal["auto", "ddp", "fsdp", "hsdp"] = "auto"  # several ranks (torchrun): auto = DDP
     shard_group: int | None = Field(None, gt=0)  # hsdp: ranks per shard group (default: one node's ranks)
